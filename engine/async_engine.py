@@ -1,0 +1,170 @@
+"""The engine loop on its own thread, and the asyncio client the server uses.
+
+The loop thread owns the LLMEngine: it takes queued adds and aborts, runs steps while there is work,
+and hands each request's delta outputs to that request's asyncio queue with call_soon_threadsafe.
+So the event loop never waits on a forward pass (torch releases the GIL in its kernels), and a
+forward pass never waits on HTTP.
+
+If the loop dies, the error is delivered to every waiting caller, `is_healthy` turns False, and new
+requests fail fast with EngineDeadError: nothing hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.errors import EngineDeadError, ValidationError
+from engine.llm_engine import EngineStats, LLMEngine, PreparedRequest
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # RequestOutput, or an exception to raise in the caller
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()  # guards _streams and _dead_error across threads
+        self._dead_error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._ids = itertools.count()
+        self._stats = engine.stats()
+        self._thread = threading.Thread(target=self._run, name="attnserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_args(cls, model: str | None = None, **kwargs) -> AsyncEngine:
+        return cls(LLMEngine.from_args(model, **kwargs))
+
+    # ---- client side (event loop thread) -------------------------------------------------------
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._dead_error is None and self._thread.is_alive()
+
+    def stats(self) -> EngineStats:
+        """A snapshot taken by the loop thread after its latest step."""
+        return self._stats
+
+    def prepare(self, prompt: str | list[int], params: SamplingParams | None = None,
+                request_id: str | None = None) -> PreparedRequest:
+        """Validate (raises ValidationError) without queueing; for callers that must answer errors before streaming."""
+        self._check_alive()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        return self.engine.prepare_request(request_id, prompt, params)
+
+    async def add_request(
+        self, prompt: str | list[int] | PreparedRequest, params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Queue a request; returns an async iterator of its delta outputs. Validation errors raise here, before
+        iteration starts. Leaving the iteration early (e.g. a client disconnect) aborts the request."""
+        req = prompt if isinstance(prompt, PreparedRequest) else self.prepare(prompt, params, request_id)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if self._dead_error is not None:
+                raise EngineDeadError(f"engine loop is dead: {self._dead_error!r}")
+            if req.request_id in self._streams:
+                raise ValidationError(f"request id {req.request_id!r} is already in use", "request_id")
+            self._streams[req.request_id] = stream
+        self._commands.put(("add", req))
+        return self._iterate(req.request_id, stream)
+
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        self._stopping.set()
+        self._commands.put(("wake", None))
+        self._thread.join(timeout)
+
+    def _check_alive(self) -> None:
+        if self._dead_error is not None or not self._thread.is_alive():
+            raise EngineDeadError(f"engine loop is dead: {self._dead_error!r}")
+
+    # ---- loop side (engine thread) -------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._drain_commands(block=not self.engine.has_unfinished_requests())
+                if self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        self._deliver(out)
+                self._stats = self.engine.stats()
+        except BaseException as exc:  # noqa: BLE001 - any loop failure must reach every waiting caller
+            logger.exception("engine loop died")
+            self._fail_all(exc)
+            return
+        self._fail_all(EngineDeadError("engine was shut down"))
+
+    def _drain_commands(self, block: bool) -> None:
+        while True:
+            try:
+                kind, arg = self._commands.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "add":
+                try:
+                    self.engine.add_prepared(arg)
+                except Exception as exc:  # noqa: BLE001 - a bad request must not take the loop down
+                    self._deliver_error(arg.request_id, exc)
+            elif kind == "abort":
+                out = self.engine.abort_request(arg)
+                if out is not None:
+                    self._deliver(out)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
+        if stream is not None:
+            _put(stream, out)
+
+    def _deliver_error(self, request_id: str, exc: BaseException) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            _put(stream, exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        error = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"engine loop died: {exc!r}")
+        with self._lock:
+            self._dead_error = error
+            streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            _put(stream, error)
+
+
+def _put(stream: _Stream, item: RequestOutput | BaseException) -> None:
+    try:
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+    except RuntimeError:
+        pass  # that caller's event loop is already closed; nobody is listening

@@ -1,0 +1,111 @@
+"""User-facing engine options (vLLM's names) and their validation into an EngineConfig."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_dtype
+from engine.errors import ValidationError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string like '1GiB', '512MiB', '2G'."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValidationError(f"kv_cache_memory must be a byte count like 1GiB or 512MiB, got {value!r}", "kv_cache_memory")
+    number, unit = float(m.group(1)), m.group(2).lower()
+    return int(number * 1024 ** " kmgt".index(unit or " "))
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValidationError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}", "device") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValidationError("device cuda was requested but CUDA is not available", "device")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValidationError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}", "device")
+    return dev
+
+
+@dataclass
+class EngineArgs:
+    model: str | Path | None = None  # None: the built-in demo model
+    device: str | None = "auto"
+    dtype: str | None = "auto"
+    seed: int = 0
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int | str = 1 << 30
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    attention_backend: str | None = None
+
+    @classmethod
+    def from_kwargs(cls, model: str | Path | None = None, **kwargs) -> EngineArgs:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(model=model, **kwargs)
+
+    def create_config(self) -> EngineConfig:
+        """Validate and freeze. max_model_len is provisional here: the engine caps it by the KV pool once sized."""
+        from engine.default_model import ensure_default_model
+
+        model_dir = Path(self.model) if self.model is not None else ensure_default_model()
+        model = ModelConfig.from_dir(model_dir)
+        device = resolve_device(self.device)
+        _positive("block_size", self.block_size)
+        _positive("max_num_seqs", self.max_num_seqs)
+        if self.num_kv_blocks is not None:
+            _positive("num_kv_blocks", self.num_kv_blocks)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValidationError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}", "gpu_memory_utilization"
+            )
+        kv_memory = parse_size(self.kv_cache_memory)
+        _positive("kv_cache_memory", kv_memory)
+        max_model_len = self.max_model_len or model.max_position_embeddings
+        _positive("max_model_len", max_model_len)
+        if model.rope is None and max_model_len > model.max_position_embeddings:
+            # Learned positions cannot go past the table; RoPE models may (at the user's risk, as in vLLM).
+            raise ValidationError(
+                f"max_model_len {max_model_len} exceeds the model's {model.max_position_embeddings} learned positions",
+                "max_model_len",
+            )
+        batched = self.max_num_batched_tokens or (2048 if self.enable_chunked_prefill else max(2048, max_model_len))
+        _positive("max_num_batched_tokens", batched)
+        if not self.enable_chunked_prefill and batched < max_model_len:
+            raise ValidationError(
+                f"without chunked prefill, max_num_batched_tokens ({batched}) must be >= max_model_len ({max_model_len})",
+                "max_num_batched_tokens",
+            )
+        return EngineConfig(
+            model=model,
+            cache=CacheConfig(self.block_size, self.num_kv_blocks, kv_memory, self.gpu_memory_utilization),
+            scheduler=SchedulerConfig(self.max_num_seqs, batched, max_model_len, self.enable_chunked_prefill),
+            device=device,
+            dtype=parse_dtype(self.dtype, device),
+            seed=self.seed,
+            attention_backend=self.attention_backend,
+        )
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError(f"{name} must be a positive integer, got {value!r}", name)

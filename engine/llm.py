@@ -1,0 +1,121 @@
+"""Offline batch inference: `LLM(model).generate(prompts, params)`."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from tqdm import tqdm
+
+from engine.errors import ValidationError
+from engine.llm_engine import LLMEngine
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Runs prompts to completion through the same engine the server uses.
+
+    LLM(model_path=None, **engine_args): model_path is a Hugging Face model directory (None: the
+    built-in demo model); engine_args are EngineArgs fields (device, dtype, max_model_len, ...).
+    """
+
+    def __init__(self, model: str | Path | None = None, **engine_args):
+        self.engine = LLMEngine.from_args(model, **engine_args)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return self.engine.default_sampling_params()
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """prompts: a string, a list of token ids, or a list of either. Outputs come back in prompt order."""
+        prompt_list = _as_prompt_list(prompts)
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(prompt_list):
+                raise ValidationError(
+                    f"got {len(sampling_params)} sampling params for {len(prompt_list)} prompts", "sampling_params"
+                )
+            params_list = sampling_params
+        else:
+            params_list = [sampling_params or self.get_default_sampling_params()] * len(prompt_list)
+        # Validate everything before queueing anything, so a bad prompt leaves the engine untouched.
+        prepared = [
+            self.engine.prepare_request(str(next(self._ids)), p, sp) for p, sp in zip(prompt_list, params_list)
+        ]
+        for req in prepared:
+            self.engine.add_prepared(req)
+        return self._run([r.request_id for r in prepared], use_tqdm and len(prepared) > 1)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        **template_kwargs,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of messages) or a list of conversations, rendered with the model's chat template."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        tok = self.get_tokenizer()
+        prompts = [
+            tok.encode_chat(conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template, **template_kwargs)
+            for conv in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, request_ids: list[str], show_progress: bool) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="generate", unit="req", disable=not show_progress)
+        generated = 0
+        while self.engine.has_unfinished_requests():
+            for delta in self.engine.step():
+                out = final.get(delta.request_id)
+                if out is None:
+                    out = final[delta.request_id] = RequestOutput(
+                        delta.request_id, delta.prompt, delta.prompt_token_ids, [], False
+                    )
+                _merge(out, delta)
+                generated += sum(len(c.token_ids) for c in delta.outputs)
+                if delta.finished:
+                    bar.update(1)
+                    bar.set_postfix(tokens=generated, refresh=False)
+        bar.close()
+        return [final[i] for i in request_ids]
+
+
+def _as_prompt_list(prompts: Prompt | list[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts:
+        return list(prompts)
+    raise ValidationError("prompts must be a string, a list of token ids, or a non-empty list of those", "prompt")
+
+
+def _merge(out: RequestOutput, delta: RequestOutput) -> None:
+    """Accumulate a delta into the cumulative output, keeping samples ordered by index."""
+    by_index = {c.index: c for c in out.outputs}
+    for c in delta.outputs:
+        acc = by_index.get(c.index)
+        if acc is None:
+            acc = by_index[c.index] = CompletionOutput(c.index, "", [], [] if c.logprobs is not None else None)
+        acc.text += c.text
+        acc.token_ids.extend(c.token_ids)
+        if c.logprobs is not None:
+            acc.logprobs.extend(c.logprobs)
+        acc.finish_reason, acc.stop_reason = c.finish_reason, c.stop_reason
+    out.outputs = [by_index[i] for i in sorted(by_index)]
+    out.finished = delta.finished

@@ -1,0 +1,273 @@
+"""The synchronous engine: admission, the step loop (schedule -> run -> sample -> stop checks) and outputs.
+
+Both the offline LLM and the async engine drive this class; it is not thread-safe, so the async
+engine calls it from its own loop thread only. `prepare_request` is the exception: it reads only
+immutable state, so the server validates on its own thread and errors reach the client at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.engine_args import EngineArgs
+from engine.errors import ValidationError
+from engine.kv_cache import BlockPool, blocks_for
+from engine.model_runner import ModelRunner
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request, ready to be queued."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    arrival_time: float
+
+
+@dataclass
+class _RequestState:
+    request: PreparedRequest
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    num_finished: int = 0
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_kv_blocks: int
+    num_preemptions: int
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+
+
+@dataclass
+class _Counters:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.tokenizer = Tokenizer.from_dir(config.model.path)
+        self.runner = ModelRunner(config)
+        num_blocks = self.runner.determine_num_blocks()
+        self.runner.allocate_kv_cache(num_blocks)
+        self.config = self._cap_max_model_len(config, num_blocks)
+        self.pool = BlockPool(num_blocks)
+        self.scheduler = Scheduler(self.config.scheduler, config.cache.block_size, self.pool)
+        self.eos_token_ids = self.tokenizer.eos_token_ids | config.model.eos_token_ids
+        self.vocab_size = config.model.vocab_size
+        self.generation_defaults = self._read_generation_defaults()
+        self._requests: dict[str, _RequestState] = {}
+        self._seq_ids = itertools.count()
+        self.counters = _Counters()
+
+    @classmethod
+    def from_args(cls, model: str | None = None, **kwargs) -> LLMEngine:
+        return cls(EngineArgs.from_kwargs(model, **kwargs).create_config())
+
+    @staticmethod
+    def _cap_max_model_len(config: EngineConfig, num_blocks: int) -> EngineConfig:
+        capacity = num_blocks * config.cache.block_size
+        if config.scheduler.max_model_len <= capacity:
+            return config
+        logger.warning(
+            "max_model_len %d exceeds the KV pool's %d tokens; capping max_model_len to %d",
+            config.scheduler.max_model_len, capacity, capacity,
+        )
+        return dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, max_model_len=capacity))
+
+    def _read_generation_defaults(self) -> dict:
+        from engine.config import read_json
+
+        gen = read_json(self.config.model.path / "generation_config.json")
+        keys = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+        return {ours: gen[theirs] for theirs, ours in keys.items() if gen.get(theirs) is not None}
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.scheduler.max_model_len
+
+    def default_sampling_params(self) -> SamplingParams:
+        """Library defaults overridden by the model's generation_config.json (as vLLM does)."""
+        return SamplingParams(**self.generation_defaults)
+
+    # ---- admission ---------------------------------------------------------------------------
+
+    def prepare_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> PreparedRequest:
+        """Tokenize and validate. Raises ValidationError with a message fit for the client."""
+        params = params if params is not None else self.default_sampling_params()
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            text, ids = None, list(prompt)
+        else:
+            raise ValidationError("prompt must be a string or a list of token ids", "prompt")
+        if not ids:
+            raise ValidationError("prompt must not be empty", "prompt")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValidationError(f"prompt has token id {bad}, but the vocabulary has ids 0..{self.vocab_size - 1}", "prompt")
+        params.validate()
+        params.check_vocab(self.vocab_size)
+        params = params.clone(eos_token_ids=frozenset(self.eos_token_ids))
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
+        total = len(ids) + max_tokens
+        if len(ids) >= self.max_model_len or total > self.max_model_len:
+            raise ValidationError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {total} were requested "
+                f"({len(ids)} in the prompt, {max_tokens} for the completion); shorten the prompt or lower max_tokens",
+                "max_tokens" if len(ids) < self.max_model_len else "prompt",
+            )
+        if blocks_for(total, self.config.cache.block_size) > self.pool.num_blocks:
+            raise ValidationError(
+                f"the request needs {total} tokens of KV cache, more than the whole pool holds "
+                f"({self.pool.num_blocks * self.config.cache.block_size} tokens)",
+                "max_tokens",
+            )
+        return PreparedRequest(request_id, text, ids, params, max_tokens, arrival_time or time.monotonic())
+
+    def add_prepared(self, req: PreparedRequest) -> None:
+        if req.request_id in self._requests:
+            raise ValidationError(f"request id {req.request_id!r} is already in use", "request_id")
+        seqs, detoks = [], []
+        for index in range(req.params.n):
+            seq = Sequence(next(self._seq_ids), req.request_id, index, req.prompt_token_ids, req.params,
+                           req.max_tokens, req.arrival_time)
+            seqs.append(seq)
+            detoks.append(IncrementalDetokenizer(
+                self.tokenizer,
+                skip_special_tokens=req.params.skip_special_tokens,
+                stop=req.params.stop_strings,
+                include_stop_str_in_output=req.params.include_stop_str_in_output,
+            ))
+            self.scheduler.add(seq)
+        self._requests[req.request_id] = _RequestState(req, seqs, detoks)
+        self.counters.prompt_tokens += len(req.prompt_token_ids)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        self.add_prepared(self.prepare_request(request_id, prompt, params))
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is and free its blocks. Returns its final (delta) output, or None if unknown."""
+        state = self._requests.pop(request_id, None)
+        if state is None:
+            return None
+        outs = []
+        for seq, detok in zip(state.seqs, state.detokenizers):
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+                outs.append(CompletionOutput(seq.index, detok.flush(), [], [] if seq.logprobs is not None else None, "abort"))
+        return self._request_output(state, outs, finished=True)
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine iteration; returns a delta output for every request that made visible progress."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress with requests pending (pool or budget misconfigured)")
+            return []
+        now = time.monotonic()
+        for seq, _ in sched.scheduled:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        sampled_seqs, sampler_out = self.runner.execute(sched.scheduled)
+        for seq, n in sched.scheduled:
+            seq.num_computed_tokens += n
+
+        deltas: dict[str, list[CompletionOutput]] = {}
+        for i, seq in enumerate(sampled_seqs):
+            lp = sampler_out.logprobs[i]
+            completion = self._append(seq, sampler_out.token_ids[i], lp)
+            deltas.setdefault(seq.request_id, []).append(completion)
+
+        outputs = []
+        for request_id, completions in deltas.items():
+            state = self._requests[request_id]
+            state.num_finished += sum(c.finish_reason is not None for c in completions)
+            done = state.num_finished == len(state.seqs)
+            if done:
+                del self._requests[request_id]
+            outputs.append(self._request_output(state, completions, done))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, logprob) -> CompletionOutput:
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        seq.append_token(token)
+        self.counters.generation_tokens += 1
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        detok = self._requests[seq.request_id].detokenizers[seq.index]
+        reason, stop_reason = self._token_stop(seq, token)
+        if reason == "stop":
+            # Ended by eos or a stop token: that token is not part of the text.
+            text = detok.flush()
+        else:
+            text, stop_str = detok.step(seq.output_token_ids)
+            if stop_str is not None:
+                reason, stop_reason = "stop", stop_str
+            elif reason is not None:
+                text += detok.flush()
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
+            self.scheduler.finish(seq)
+        return CompletionOutput(seq.index, text, [token], [logprob] if logprob is not None else None, reason, stop_reason)
+
+    def _token_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in p.eos_token_ids:
+                return "stop", None
+            if p.stop_token_ids and token in p.stop_token_ids:
+                return "stop", token
+        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length", None
+        return None, None
+
+    def _request_output(self, state: _RequestState, completions: list[CompletionOutput], finished: bool) -> RequestOutput:
+        req = state.request
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.pool.usage,
+            num_kv_blocks=self.pool.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self.counters.prompt_tokens,
+            generation_tokens_total=self.counters.generation_tokens,
+        )

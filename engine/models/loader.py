@@ -1,0 +1,109 @@
+"""Loading HF safetensors checkpoints straight into the model.
+
+The model is built on the meta device (no memory, no init), then each checkpoint tensor is read
+once and either becomes the parameter itself (same dtype and device: no copy at all) or is copied
+into its slice of a fused parameter. Peak memory is the model plus one tensor. Only safetensors are
+read: never torch.load or pickle.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from engine.config import ModelConfig, read_json
+from engine.errors import ModelLoadError
+from engine.models import MODEL_REGISTRY
+from engine.models.common import WeightTarget
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{index} has no weight_map")
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+    elif (model_dir / "model.safetensors").exists():
+        files = [model_dir / "model.safetensors"]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        bins = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
+        hint = f" (found {', '.join(bins)}: pickle checkpoints are not loaded; convert to safetensors)" if bins else ""
+        raise ModelLoadError(f"no safetensors weights in {model_dir}{hint}")
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise ModelLoadError(f"missing weight files in {model_dir}: {', '.join(missing)}")
+    return files
+
+
+def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    with torch.device("meta"):
+        model = MODEL_REGISTRY[cfg.architecture](cfg)
+    params = dict(model.named_parameters())  # tied parameters appear once
+    rows_loaded = {name: 0 for name in params}
+    unexpected: list[str] = []
+    for file in checkpoint_files(cfg.path):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    target = model.map_weight(name)
+                    if target is None:
+                        continue
+                    if target.param not in params:
+                        unexpected.append(name)
+                        continue
+                    rows_loaded[target.param] += _place(model, params, target, f.get_tensor(name), device, dtype, name)
+        except SafetensorError as exc:
+            raise ModelLoadError(f"corrupt safetensors file {file}: {exc}") from exc
+        except (OSError, RuntimeError) as exc:
+            raise ModelLoadError(f"cannot read {file}: {exc}") from exc
+    _check_complete(model, params, rows_loaded)
+    if unexpected:
+        logger.warning("ignored %d unexpected checkpoint tensors, e.g. %s", len(unexpected), unexpected[:5])
+    model.tie_weights()
+    return model.eval()
+
+
+def _place(model, params, target: WeightTarget, tensor, device, dtype, name: str) -> int:
+    """Put one checkpoint tensor into the model; returns how many parameter rows it filled."""
+    if target.transpose:
+        tensor = tensor.t()
+    param = params[target.param]
+    module_name, _, attr = target.param.rpartition(".")
+    module = model.get_submodule(module_name)
+    if target.row_offset is None:
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ModelLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
+        new = nn.Parameter(tensor.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
+    else:
+        # A piece of a fused parameter: allocate the whole parameter on first sight, then fill its rows.
+        new = param if param.device == device else nn.Parameter(
+            torch.empty(param.shape, device=device, dtype=dtype), requires_grad=False
+        )
+        rows = tensor.shape[0]
+        if tuple(tensor.shape[1:]) != tuple(param.shape[1:]) or target.row_offset + rows > param.shape[0]:
+            raise ModelLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit {target.param}")
+        new.data.narrow(0, target.row_offset, rows).copy_(tensor)
+    setattr(module, attr, new)
+    params[target.param] = new
+    return tensor.shape[0]
+
+
+def _check_complete(model: nn.Module, params: dict, rows_loaded: dict[str, int]) -> None:
+    # A fused parameter is complete once all its pieces (e.g. q, k and v) have filled every row.
+    missing = []
+    for name, param in params.items():
+        if param.device.type == "meta" or rows_loaded[name] < param.shape[0]:
+            missing.append(name)
+    if missing:
+        raise ModelLoadError(
+            f"checkpoint in {model.config.path} is missing {len(missing)} tensors, e.g. {', '.join(missing[:5])}"
+        )

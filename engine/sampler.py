@@ -1,0 +1,233 @@
+"""Turns a batch of next-token logits into token ids, plus logprobs under the raw model distribution.
+
+Order of operations (vLLM / OpenAI / HF conventions):
+    logit_bias -> min_tokens -> repetition penalty -> presence/frequency penalty -> greedy argmax
+    -> temperature -> top-k -> top-p -> min-p -> sample.
+
+Every step works on the whole batch at once with per-row parameter tensors; Python only loops over
+rows to collect parameters (and over seeded rows to draw their noise). A step nobody in the batch
+asked for is skipped. Host-to-device copies go through pinned memory without blocking, so the only
+point where the host waits for the device is the final `.tolist()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from collections.abc import Iterable
+from itertools import chain
+
+import torch
+
+from engine.outputs import TokenLogprob
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # one per row
+    logprobs: list[TokenLogprob | None]  # per row; None where params.logprobs is None
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        """Sample one token per row. logits: [num_seqs, vocab] (any float dtype), row i belongs to seqs[i]."""
+        if logits.dim() != 2 or logits.shape[0] != len(seqs):
+            raise ValueError(f"logits must be [num_seqs={len(seqs)}, vocab], got {tuple(logits.shape)}")
+        processed = apply_logit_processors(logits, seqs)
+        token_ids = _choose_tokens(processed, seqs)
+        logprob_tensors = _raw_logprobs(logits, token_ids, seqs)
+        # Everything above is queued; the first .tolist() is the step's one wait on the device.
+        tokens = token_ids.tolist()
+        return SamplerOutput(tokens, _logprob_outputs(logprob_tensors, tokens, seqs))
+
+
+def apply_logit_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Return float32 logits with logit_bias, min_tokens masking and the three penalties applied.
+
+    Never modifies `logits`; returns it upcast (possibly the same tensor) when no row uses any of them.
+    """
+    params = [s.params for s in seqs]
+    bias_rows = [i for i, p in enumerate(params) if p.logit_bias]
+    banned_rows = [i for i, s in enumerate(seqs) if len(s.output_token_ids) < s.params.min_tokens]
+    repetition_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    occurrence_rows = [i for i, p in enumerate(params) if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0]
+    if not (bias_rows or banned_rows or repetition_rows or occurrence_rows):
+        return logits.float()
+
+    # A copy, because the caller still needs the raw logits for logprobs.
+    out = logits.to(torch.float32, copy=True)
+    device = out.device
+    if bias_rows:
+        entries = [(i, tok, bias) for i in bias_rows for tok, bias in params[i].logit_bias.items()]
+        rows, toks, biases = zip(*entries)
+        out.index_put_(
+            (_device_tensor(rows, torch.long, device), _device_tensor(toks, torch.long, device)),
+            _device_tensor(biases, torch.float32, device),
+            accumulate=True,
+        )
+    if banned_rows:
+        # eos is masked even with ignore_eos: min_tokens is a floor on length whatever ends the sequence.
+        entries = [
+            (i, tok) for i in banned_rows for tok in params[i].eos_token_ids | set(params[i].stop_token_ids or ())
+        ]
+        if entries:
+            rows, toks = zip(*entries)
+            index = (_device_tensor(rows, torch.long, device), _device_tensor(toks, torch.long, device))
+            out.index_put_(index, out.new_full((), float("-inf")))
+    if repetition_rows:
+        seen = torch.zeros(out.shape, dtype=torch.bool, device=device)
+        history = [chain(seqs[i].prompt_token_ids, seqs[i].output_token_ids) for i in repetition_rows]
+        index = _flat_token_index(repetition_rows, history, device)
+        seen.index_put_(index, torch.ones((), dtype=torch.bool, device=device))
+        penalty = _device_tensor([p.repetition_penalty for p in params], torch.float32, device)[:, None]
+        penalized = torch.where(out > 0, out / penalty, out * penalty)
+        out = torch.where(seen, penalized, out)
+    if occurrence_rows:
+        counts = torch.zeros(out.shape, dtype=torch.float32, device=device)
+        index = _flat_token_index(occurrence_rows, [seqs[i].output_token_ids for i in occurrence_rows], device)
+        counts.index_put_(index, torch.ones((), device=device), accumulate=True)
+        presence = _device_tensor([p.presence_penalty for p in params], torch.float32, device)[:, None]
+        frequency = _device_tensor([p.frequency_penalty for p in params], torch.float32, device)[:, None]
+        out = out - frequency * counts - presence * (counts > 0)
+    return out
+
+
+def sampling_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The distribution to sample from: temperature, top-k, top-p and min-p applied to processed logits.
+
+    Every row must have temperature > 0 (greedy rows never get here). Returns float32 [rows, vocab]
+    probabilities, zero outside the kept set, each row summing to 1.
+    """
+    params = [s.params for s in seqs]
+    device = logits.device
+    if any(p.temperature != 1.0 for p in params):
+        logits = logits / _device_tensor([p.temperature for p in params], torch.float32, device)[:, None]
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        logits = _top_k_top_p(logits, params)
+    probs = logits.softmax(dim=-1)
+    if any(p.min_p > 0.0 for p in params):
+        min_p = _device_tensor([p.min_p for p in params], torch.float32, device)[:, None]
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Mask to -inf what top-k and then top-p drop; one sort serves both."""
+    vocab = logits.shape[-1]
+    device = logits.device
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    if any(p.top_k > 0 for p in params):
+        # By position rather than by the k-th value, so ties at the boundary still keep exactly k.
+        top_k = _device_tensor([p.top_k if p.top_k > 0 else vocab for p in params], torch.long, device)
+        positions = torch.arange(vocab, device=device)
+        sorted_logits = sorted_logits.masked_fill(positions >= top_k[:, None], float("-inf"))
+    if any(p.top_p < 1.0 for p in params):
+        probs = sorted_logits.softmax(dim=-1)
+        # A token stays while the mass strictly before it is below top_p: the smallest prefix whose
+        # mass reaches top_p, and the top token (mass before it is exactly 0) always stays.
+        mass_before = probs.cumsum(dim=-1) - probs
+        # top_p = 1 must keep everything, but rounding can push the cumulative sum to 1 early.
+        top_p = _device_tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params], torch.float32, device)
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def _choose_tokens(processed: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    greedy = [s.params.greedy for s in seqs]
+    if all(greedy):
+        return processed.argmax(dim=-1)
+    if not any(greedy):
+        return _sample(processed, seqs)
+    tokens = processed.argmax(dim=-1)
+    sampled_rows = [i for i, g in enumerate(greedy) if not g]
+    index = _device_tensor(sampled_rows, torch.long, processed.device)
+    sampled = _sample(processed.index_select(0, index), [seqs[i] for i in sampled_rows])
+    return tokens.index_copy_(0, index, sampled)
+
+
+def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    # Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i, needs no
+    # normalization or cumulative sums, and lets each row's noise come from its own generator.
+    probs = sampling_probs(logits, seqs)
+    return (probs / _exponential_noise(probs, seqs)).argmax(dim=-1)
+
+
+def _exponential_noise(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Exp(1) noise shaped like probs. A seeded row's noise comes only from its own generator, so its
+    samples do not depend on which other requests share the batch."""
+    device = probs.device
+    seeded = [i for i, s in enumerate(seqs) if s.generator is not None]
+    noise = torch.empty_like(probs).exponential_() if len(seeded) < len(seqs) else None
+    if seeded:
+        pinned = device.type == "cuda"
+        host = torch.empty((len(seeded), probs.shape[-1]), dtype=torch.float32, pin_memory=pinned)
+        for row, i in enumerate(seeded):
+            host[row].exponential_(generator=seqs[i].generator)
+        seeded_noise = host.to(device, non_blocking=pinned)
+        if noise is None:
+            noise = seeded_noise
+        else:
+            noise.index_copy_(0, _device_tensor(seeded, torch.long, device), seeded_noise)
+    # exponential_ can return 0 on some backends; 0/0 on a dropped token would be NaN and win argmax.
+    return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+
+@dataclass
+class _LogprobTensors:
+    rows: list[int]
+    chosen: torch.Tensor  # [len(rows)] logprob of the sampled token
+    ranks: torch.Tensor  # [len(rows)]
+    top_logprobs: torch.Tensor  # [len(rows), max N]
+    top_ids: torch.Tensor  # [len(rows), max N]
+
+
+def _raw_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, seqs: list[Sequence]) -> _LogprobTensors | None:
+    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    if not rows:
+        return None
+    if len(rows) < len(seqs):
+        index = _device_tensor(rows, torch.long, logits.device)
+        logits, token_ids = logits.index_select(0, index), token_ids.index_select(0, index)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, token_ids[:, None])
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    num_top = min(max(seqs[i].params.logprobs for i in rows), logprobs.shape[-1])
+    top_logprobs, top_ids = logprobs.topk(num_top, dim=-1)
+    return _LogprobTensors(rows, chosen.squeeze(1), ranks, top_logprobs, top_ids)
+
+
+def _logprob_outputs(
+    tensors: _LogprobTensors | None, tokens: list[int], seqs: list[Sequence]
+) -> list[TokenLogprob | None]:
+    outputs: list[TokenLogprob | None] = [None] * len(seqs)
+    if tensors is None:
+        return outputs
+    chosen, ranks = tensors.chosen.tolist(), tensors.ranks.tolist()
+    top_logprobs, top_ids = tensors.top_logprobs.tolist(), tensors.top_ids.tolist()
+    for j, i in enumerate(tensors.rows):
+        n = seqs[i].params.logprobs
+        top = list(zip(top_ids[j][:n], top_logprobs[j][:n]))
+        outputs[i] = TokenLogprob(token_id=tokens[i], logprob=chosen[j], rank=ranks[j], top=top)
+    return outputs
+
+
+def _flat_token_index(
+    rows: list[int], token_lists: list[Iterable[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, token) index tensors covering every token of token_lists[j] in batch row rows[j]."""
+    tokens = [list(t) for t in token_lists]
+    lengths = [len(t) for t in tokens]
+    # output_size is known on the host, so the device never has to report it back (no sync).
+    row_index = torch.repeat_interleave(
+        _device_tensor(rows, torch.long, device), _device_tensor(lengths, torch.long, device), output_size=sum(lengths)
+    )
+    token_index = _device_tensor(list(chain.from_iterable(tokens)), torch.long, device)
+    return row_index, token_index
+
+
+def _device_tensor(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host sequence as a tensor on `device`; on CUDA the copy is queued rather than waited for."""
+    pinned = device.type == "cuda"
+    return torch.tensor(data, dtype=dtype, pin_memory=pinned).to(device, non_blocking=pinned)

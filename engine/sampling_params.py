@@ -1,0 +1,118 @@
+"""Per-request sampling and stopping parameters.
+
+Field names and meanings follow the OpenAI API and vLLM, so the server can map a request body onto
+this dataclass one field at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from engine.errors import ValidationError
+
+MAX_LOGPROBS = 20
+MAX_N = 128
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1) disables top-k
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: up to max_model_len
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-N logprobs per output token; 0 = only the sampled token
+    skip_special_tokens: bool = True
+    # Filled by the engine from the model: eos ids that end a sequence unless ignore_eos.
+    eos_token_ids: frozenset[int] = field(default_factory=frozenset, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.top_k == -1:
+            self.top_k = 0
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return list(self.stop or [])
+
+    def validate(self) -> None:
+        """Raise ValidationError naming the first field outside its allowed range."""
+        _check_int("n", self.n, 1, MAX_N)
+        _check_float("temperature", self.temperature, 0.0, 100.0)
+        _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _check_int("top_k", self.top_k, 0, None, hint="0 or -1 disables it")
+        _check_float("min_p", self.min_p, 0.0, 1.0)
+        _check_float("repetition_penalty", self.repetition_penalty, 0.0, 2.0**31, low_open=True)
+        _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, -(2**63), 2**64 - 1)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, 1, None)
+        _check_int("min_tokens", self.min_tokens, 0, None)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValidationError(
+                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})", "min_tokens"
+            )
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.stop is not None:
+            if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+                raise ValidationError("stop must be a non-empty string or a list of non-empty strings", "stop")
+        if self.stop_token_ids is not None:
+            for tok in self.stop_token_ids:
+                _check_int("stop_token_ids", tok, 0, None)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValidationError("logit_bias must map token ids to biases in [-100, 100]", "logit_bias")
+            for tok, bias in self.logit_bias.items():
+                _check_int("logit_bias", tok, 0, None, hint="keys are token ids")
+                _check_float("logit_bias", bias, -100.0, 100.0)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids named by the request must exist in the model's vocabulary."""
+        for name, ids in (("logit_bias", self.logit_bias or {}), ("stop_token_ids", self.stop_token_ids or [])):
+            for tok in ids:
+                if tok >= vocab_size:
+                    raise ValidationError(
+                        f"{name} has token id {tok}, but the vocabulary has ids 0..{vocab_size - 1}", name
+                    )
+
+    def clone(self, **changes) -> SamplingParams:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_int(name: str, value, low: int, high: int | None, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(f"{name} must be an integer, got {value!r}", name)
+    if value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        extra = f" ({hint})" if hint else ""
+        raise ValidationError(f"{name} must be {allowed}{extra}, got {value}", name)
+
+
+def _check_float(name: str, value, low: float, high: float, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValidationError(f"{name} must be a number, got {value!r}", name)
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high:
+        allowed = f"in ({low}, {high}]" if low_open else f"in [{low}, {high}]"
+        raise ValidationError(f"{name} must be {allowed}, got {value}", name)

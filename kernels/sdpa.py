@@ -1,0 +1,145 @@
+"""Reference attention backend: gather each sequence's context from the paged cache, then one masked SDPA call.
+
+This is the CPU path and the oracle the fast GPU kernels are tested against.
+
+Sequences are split into two groups per step: decodes (one query each) and prefill chunks. Padding
+every decode to the longest prefill chunk's query length would multiply the decode work by that
+length, and a step mixing 60 decodes with one 512-token chunk is the common case under continuous
+batching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from kernels.backend import AttentionBackend, BatchLayout, register_backend
+from kernels.kv_write import write_kv
+
+
+@lru_cache(maxsize=1)
+def _sdpa_has_enable_gqa() -> bool:
+    # enable_gqa arrived in torch 2.5; older builds need the KV heads repeated.
+    q = torch.zeros(1, 2, 1, 4)
+    kv = torch.zeros(1, 1, 1, 4)
+    try:
+        F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+@dataclass
+class _Group:
+    num_seqs: int
+    max_q: int  # padded query length (1 for the decode group)
+    max_ctx: int  # padded key length
+    rows: torch.Tensor  # [tokens_in_group] rows of the flat token array, in group order
+    pad_index: torch.Tensor  # [tokens_in_group] row of each token in the padded [num_seqs * max_q] layout
+    kv_slots: torch.Tensor  # [num_seqs * max_ctx] cache slot of each (sequence, key position)
+    query_pos: torch.Tensor  # [num_seqs, max_q] absolute position of each query (0 for padding rows)
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """[num_seqs, 1, max_q, max_ctx] bool, True = attend. Built once per step per window size."""
+        if window not in self.masks:
+            key_pos = torch.arange(self.max_ctx, device=self.query_pos.device)
+            q = self.query_pos.unsqueeze(-1)
+            # NOTE: causality by absolute position also masks key padding, because every real query sits
+            # at a position below its sequence's context length; a padding query row sits at 0 and so
+            # still sees key 0, which keeps softmax free of all-masked rows.
+            allowed = key_pos <= q
+            if window is not None:
+                allowed &= key_pos > q - window
+            self.masks[window] = allowed.unsqueeze(1)
+        return self.masks[window]
+
+
+@dataclass
+class SdpaMetadata:
+    slot_mapping: torch.Tensor
+    groups: list[_Group]
+
+
+def _build_group(layout: BatchLayout, seq_idx: list[int], query_start: list[int], device: torch.device) -> _Group:
+    q_lens = torch.tensor([layout.query_lens[i] for i in seq_idx], dtype=torch.long)
+    ctx_lens = torch.tensor([layout.context_lens[i] for i in seq_idx], dtype=torch.long)
+    starts = torch.tensor([query_start[i] for i in seq_idx], dtype=torch.long)
+    num_seqs, max_q, max_ctx = len(seq_idx), int(q_lens.max()), int(ctx_lens.max())
+
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)
+    first_token = torch.cumsum(q_lens, 0) - q_lens
+    offset = torch.arange(int(q_lens.sum())) - first_token[seq_of_token]
+    rows = starts[seq_of_token] + offset
+    pad_index = seq_of_token * max_q + offset
+
+    query_pos = torch.zeros(num_seqs, max_q, dtype=torch.long)
+    query_pos.view(-1)[pad_index] = (ctx_lens - q_lens)[seq_of_token] + offset
+
+    bs = layout.block_size
+    key_pos = torch.arange(max_ctx)
+    tables = layout.block_tables.cpu()[seq_idx][:, key_pos // bs]
+    kv_slots = (tables * bs + key_pos % bs).reshape(-1)
+
+    return _Group(
+        num_seqs=num_seqs,
+        max_q=max_q,
+        max_ctx=max_ctx,
+        rows=rows.to(device),
+        pad_index=pad_index.to(device),
+        kv_slots=kv_slots.to(device),
+        query_pos=query_pos.to(device),
+    )
+
+
+@register_backend("sdpa")
+class SdpaBackend(AttentionBackend):
+    def plan(self, layout: BatchLayout) -> SdpaMetadata:
+        device = layout.slot_mapping.device
+        query_start = [0]
+        for n in layout.query_lens[:-1]:
+            query_start.append(query_start[-1] + n)
+        decodes = [i for i, n in enumerate(layout.query_lens) if n == 1]
+        prefills = [i for i, n in enumerate(layout.query_lens) if n > 1]
+        groups = [_build_group(layout, idx, query_start, device) for idx in (decodes, prefills) if idx]
+        return SdpaMetadata(slot_mapping=layout.slot_mapping, groups=groups)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: SdpaMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        write_kv(k_cache, v_cache, k, v, metadata.slot_mapping)
+        num_heads, head_dim = q.shape[1:]
+        kv_heads = k_cache.shape[-2]
+        k_slots = k_cache.view(-1, kv_heads, head_dim)
+        v_slots = v_cache.view(-1, kv_heads, head_dim)
+        out = torch.empty_like(q)
+        for g in metadata.groups:
+            q_rows = q.index_select(0, g.rows)
+            if g.max_q > 1:
+                padded = q.new_zeros(g.num_seqs * g.max_q, num_heads, head_dim)
+                padded.index_copy_(0, g.pad_index, q_rows)
+                q_rows = padded
+            qg = q_rows.view(g.num_seqs, g.max_q, num_heads, head_dim).transpose(1, 2)
+            kg = k_slots.index_select(0, g.kv_slots).view(g.num_seqs, g.max_ctx, kv_heads, head_dim).transpose(1, 2)
+            vg = v_slots.index_select(0, g.kv_slots).view(g.num_seqs, g.max_ctx, kv_heads, head_dim).transpose(1, 2)
+            if kv_heads != num_heads and not _sdpa_has_enable_gqa():
+                kg = kg.repeat_interleave(num_heads // kv_heads, dim=1)
+                vg = vg.repeat_interleave(num_heads // kv_heads, dim=1)
+            extra = {"enable_gqa": True} if kv_heads != num_heads and _sdpa_has_enable_gqa() else {}
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask(sliding_window), scale=scale, **extra)
+            og = og.transpose(1, 2).reshape(g.num_seqs * g.max_q, num_heads, head_dim)
+            if g.max_q > 1:
+                og = og.index_select(0, g.pad_index)
+            out.index_copy_(0, g.rows, og)
+        return out
