@@ -114,23 +114,28 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
-                self._drain_commands(block=not self.engine.has_unfinished_requests())
+                outputs = self._drain_commands(block=not self.engine.has_unfinished_requests())
                 if self.engine.has_unfinished_requests():
-                    for out in self.engine.step():
-                        self._deliver(out)
+                    outputs += self.engine.step()
+                # NOTE: refresh the snapshot before delivering, so a caller that saw its request finish
+                # never reads stats that still count it.
                 self._stats = self.engine.stats()
+                for out in outputs:
+                    self._deliver(out)
         except BaseException as exc:  # noqa: BLE001 - any loop failure must reach every waiting caller
             logger.exception("engine loop died")
             self._fail_all(exc)
             return
         self._fail_all(EngineDeadError("engine was shut down"))
 
-    def _drain_commands(self, block: bool) -> None:
+    def _drain_commands(self, block: bool) -> list[RequestOutput]:
+        """Apply queued adds and aborts; returns the final outputs of aborted requests."""
+        outputs: list[RequestOutput] = []
         while True:
             try:
                 kind, arg = self._commands.get(block=block, timeout=0.5 if block else None)
             except queue.Empty:
-                return
+                return outputs
             block = False
             if kind == "add":
                 try:
@@ -140,7 +145,7 @@ class AsyncEngine:
             elif kind == "abort":
                 out = self.engine.abort_request(arg)
                 if out is not None:
-                    self._deliver(out)
+                    outputs.append(out)
 
     def _deliver(self, out: RequestOutput) -> None:
         with self._lock:

@@ -95,8 +95,9 @@ def _normalize_message(i: int, message: Any) -> dict:
     content = out.get("content")
     if content is None:
         if not (role == "assistant" and out.get("tool_calls")):
-            raise ValidationError(f"{where}.content is required (only an assistant message with tool_calls may omit it)",
-                                  "messages")
+            raise ValidationError(
+                f"{where}.content is required (only an assistant message with tool_calls may omit it)", "messages"
+            )
     elif isinstance(content, list):
         out["content"] = "\n".join(_part_text(f"{where}.content[{j}]", part) for j, part in enumerate(content))
     elif not isinstance(content, str):
@@ -138,7 +139,8 @@ def render_chat_template(
     try:
         compiled = _compile(template)
     except jinja2.TemplateSyntaxError as e:
-        raise ValidationError(f"chat template is not valid Jinja (line {e.lineno}): {e.message}", "chat_template") from e
+        message = f"chat template is not valid Jinja (line {e.lineno}): {e.message}"
+        raise ValidationError(message, "chat_template") from e
     variables = {
         "documents": None,
         **special_tokens,

@@ -119,8 +119,7 @@ def write_default_model(out_dir: Path) -> None:
     """Write all files of the default model into the existing directory `out_dir`."""
     out_dir = Path(out_dir)
     tokenizer = build_bpe_tokenizer()
-    vocab_size = tokenizer.get_vocab_size()
-    config = _default_config(vocab_size, tokenizer)
+    config = _default_config(tokenizer)
     save_file(_default_weights(config), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     _write_json(out_dir / "config.json", config)
     _write_json(
@@ -130,7 +129,7 @@ def write_default_model(out_dir: Path) -> None:
     write_tokenizer_files(tokenizer, out_dir, model_max_length=_MAX_POSITIONS)
 
 
-def _default_config(vocab_size: int, tokenizer: Tokenizer) -> dict:
+def _default_config(tokenizer: Tokenizer) -> dict:
     # Written the way transformers 4.x writes a LlamaConfig (top-level rope_theta, rope_scaling,
     # torch_dtype), the most common layout among published checkpoints.
     return {
@@ -158,7 +157,7 @@ def _default_config(vocab_size: int, tokenizer: Tokenizer) -> dict:
         "tie_word_embeddings": False,
         "torch_dtype": "float32",
         "use_cache": True,
-        "vocab_size": vocab_size,
+        "vocab_size": tokenizer.get_vocab_size(),
     }
 
 

@@ -16,6 +16,10 @@ Why a plain "decode the new token" does not work, and what this module does abou
 This keeps the per-step cost independent of the output length. For a decoder whose behaviour is not known (a
 custom Python decoder, or a type newer than this module), the window always starts at token 0: a full decode per
 step, still exact under the same holds.
+
+No streaming can be exact for a decoder that rewrites already-decoded text when more tokens arrive: WordPiece with
+cleanup=True (BERT-style "do n't" -> "don't"), or a Replace placed after Fuse whose pattern spans two tokens. No
+generative model's tokenizer does either.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ def _decode_info(tokenizer: Tokenizer) -> _DecodeInfo:
             types = None
     windowed = types is not None and all(t in _WINDOW_SAFE_DECODERS for t in types)
     # Byte tokens matter only to a ByteFallback decoder; with an unknown decoder, assume one (holding is safe).
-    byte_tokens = types is None or "ByteFallback" in types or not windowed
+    byte_tokens = not windowed or "ByteFallback" in types
     special = tokenizer.all_special_ids
     kinds = bytearray([_ABSENT]) * tokenizer.vocab_size
     for token, token_id in backend.get_vocab(with_added_tokens=True).items():
@@ -136,7 +140,7 @@ class IncrementalDetokenizer:
         """Call after each new token is appended to output_token_ids (all output ids so far). Returns the text
         that is safe to emit now, and the stop string that matched (the sequence must then finish) or None."""
         if self._done:
-            return "", self._matched
+            return "", None
         self._ids = output_token_ids
         n = len(output_token_ids)
         self._scan(output_token_ids, n)

@@ -237,10 +237,11 @@ class LLMEngine:
             text = detok.flush()
         else:
             text, stop_str = detok.step(seq.output_token_ids)
-            if stop_str is not None:
-                reason, stop_reason = "stop", stop_str
-            elif reason is not None:
+            if stop_str is None and reason is not None:
                 text += detok.flush()
+        # Text held back (e.g. an incomplete character) can complete a stop string only at the flush.
+        if detok.matched_stop is not None:
+            reason, stop_reason = "stop", detok.matched_stop
         if reason is not None:
             seq.finish_reason, seq.stop_reason = reason, stop_reason
             self.scheduler.finish(seq)

@@ -12,8 +12,8 @@ point where the host waits for the device is the final `.tolist()`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from itertools import chain
 
 import torch
@@ -86,7 +86,8 @@ def apply_logit_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.
     if occurrence_rows:
         counts = torch.zeros(out.shape, dtype=torch.float32, device=device)
         index = _flat_token_index(occurrence_rows, [seqs[i].output_token_ids for i in occurrence_rows], device)
-        counts.index_put_(index, torch.ones((), device=device), accumulate=True)
+        # One value per index entry, not a broadcast scalar: the plainest accumulate form on every backend.
+        counts.index_put_(index, torch.ones_like(index[1], dtype=torch.float32), accumulate=True)
         presence = _device_tensor([p.presence_penalty for p in params], torch.float32, device)[:, None]
         frequency = _device_tensor([p.frequency_penalty for p in params], torch.float32, device)[:, None]
         out = out - frequency * counts - presence * (counts > 0)
@@ -114,24 +115,34 @@ def sampling_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Mask to -inf what top-k and then top-p drop; one sort serves both."""
-    vocab = logits.shape[-1]
-    device = logits.device
+    """Mask to -inf what top-k and then top-p drop."""
+    if all(p.top_k > 0 and p.top_p >= 1.0 for p in params):
+        # Top-k alone needs only the k largest per row, far cheaper than sorting the whole vocabulary.
+        values, order = logits.topk(min(max(p.top_k for p in params), logits.shape[-1]), dim=-1)
+        return torch.full_like(logits, float("-inf")).scatter_(-1, order, _mask_beyond_top_k(values, params))
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     if any(p.top_k > 0 for p in params):
-        # By position rather than by the k-th value, so ties at the boundary still keep exactly k.
-        top_k = _device_tensor([p.top_k if p.top_k > 0 else vocab for p in params], torch.long, device)
-        positions = torch.arange(vocab, device=device)
-        sorted_logits = sorted_logits.masked_fill(positions >= top_k[:, None], float("-inf"))
+        sorted_logits = _mask_beyond_top_k(sorted_logits, params)
     if any(p.top_p < 1.0 for p in params):
         probs = sorted_logits.softmax(dim=-1)
         # A token stays while the mass strictly before it is below top_p: the smallest prefix whose
         # mass reaches top_p, and the top token (mass before it is exactly 0) always stays.
         mass_before = probs.cumsum(dim=-1) - probs
         # top_p = 1 must keep everything, but rounding can push the cumulative sum to 1 early.
-        top_p = _device_tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params], torch.float32, device)
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+        top_p = [p.top_p if p.top_p < 1.0 else float("inf") for p in params]
+        sorted_logits = sorted_logits.masked_fill(
+            mass_before >= _device_tensor(top_p, torch.float32, logits.device)[:, None], float("-inf")
+        )
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def _mask_beyond_top_k(sorted_logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """-inf from position top_k on (rows sorted descending). By position rather than by the k-th value,
+    so ties at the boundary still keep exactly k."""
+    width = sorted_logits.shape[-1]
+    top_k = _device_tensor([p.top_k if p.top_k > 0 else width for p in params], torch.long, sorted_logits.device)
+    positions = torch.arange(width, device=sorted_logits.device)
+    return sorted_logits.masked_fill(positions >= top_k[:, None], float("-inf"))
 
 
 def _choose_tokens(processed: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -5,10 +5,14 @@ export looks like), plus the shared byte-level BPE tokenizer from engine.default
 then rewritten on disk to mimic layouts found in published checkpoints that transformers 5 no longer
 writes itself (4.x-style config.json, GPT-2 keys without the `transformer.` prefix).
 
-Random models have near-tied logits, which would make greedy-token parity tests flaky. Each kind
-therefore uses a large `initializer_range`, tuned so that over PARITY_PROMPTS x 32 greedy steps the
-top-1 minus top-2 logit gap stays well clear of fp32 noise, while the outputs still vary (the init is
-not so large that every prompt collapses into one repeated token).
+Random models have near-tied logits, which would make greedy-token parity tests flaky. What matters
+is the top-1 minus top-2 logit gap relative to fp32 rounding noise, and that noise grows much faster
+than the gap as the init scale grows (large weights saturate softmax and inflate activations). So each
+kind uses a moderate `initializer_range` (0.1-0.25) plus a heavy-tailed spread of output-embedding row
+norms, and a seed chosen so that over PARITY_PROMPTS x 32 greedy steps the smallest top-1 gap is
+hundreds of times the fp32-vs-fp64 logprob difference (and the gaps between ranks 2..6, which top-k
+logprob comparisons depend on, tens of times), while outputs still vary and depend on the context.
+test_checkpoints.py checks all of that, so a change here that loses the margin fails loudly.
 """
 
 from __future__ import annotations
@@ -97,6 +101,10 @@ class _Spec:
     # would let an engine that drops a bias or mis-applies a norm weight still match.
     bias_std: float = 0.0
     norm_weight_std: float = 0.0
+    # Output-embedding rows are scaled by exp(N(0, s)). With a plain Gaussian init the top two of 4k
+    # logits are usually very close; a heavy-tailed spread of row norms (as in trained LMs, where norms
+    # track token frequency) widens that gap several-fold without blowing up the activations.
+    output_row_log_std: float = 0.5
 
 
 def _llama_config(initializer_range: float, **overrides) -> LlamaConfig:
@@ -119,25 +127,25 @@ def _llama_config(initializer_range: float, **overrides) -> LlamaConfig:
 
 _SPECS: dict[str, _Spec] = {
     "llama": _Spec(
-        lambda: _llama_config(0.5, rope_parameters=dict(_LLAMA3_ROPE)),
-        seed=1,
+        lambda: _llama_config(0.1, rope_parameters=dict(_LLAMA3_ROPE)),
+        seed=2,
         norm_weight_std=0.2,
     ),
     "llama-linear": _Spec(
         lambda: _llama_config(
-            0.5,
+            0.25,
             hidden_size=64,
             num_attention_heads=4,
             num_key_value_heads=4,
             rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
             tie_word_embeddings=True,
         ),
-        seed=2,
+        seed=0,
         norm_weight_std=0.2,
     ),
     "llama-sharded": _Spec(
-        lambda: _llama_config(0.5, num_hidden_layers=3),
-        seed=3,
+        lambda: _llama_config(0.1, num_hidden_layers=3),
+        seed=20,
         norm_weight_std=0.2,
     ),
     "mistral": _Spec(
@@ -150,11 +158,11 @@ _SPECS: dict[str, _Spec] = {
             num_key_value_heads=2,
             max_position_embeddings=_MAX_POSITIONS,
             sliding_window=16,
-            initializer_range=0.5,
+            initializer_range=0.2,
             tie_word_embeddings=False,
             **_SPECIAL_IDS,
         ),
-        seed=4,
+        seed=0,
         norm_weight_std=0.2,
     ),
     "qwen2": _Spec(
@@ -167,12 +175,12 @@ _SPECS: dict[str, _Spec] = {
             num_key_value_heads=1,
             max_position_embeddings=_MAX_POSITIONS,
             rms_norm_eps=1e-6,
-            initializer_range=0.5,
+            initializer_range=0.2,
             tie_word_embeddings=True,
             **_SPECIAL_IDS,
         ),
-        seed=5,
-        bias_std=0.5,
+        seed=3,
+        bias_std=0.2,
         norm_weight_std=0.2,
     ),
     "qwen3": _Spec(
@@ -186,11 +194,11 @@ _SPECS: dict[str, _Spec] = {
             head_dim=48,
             max_position_embeddings=_MAX_POSITIONS,
             rms_norm_eps=1e-6,
-            initializer_range=0.5,
+            initializer_range=0.2,
             tie_word_embeddings=False,
             **_SPECIAL_IDS,
         ),
-        seed=6,
+        seed=10,
         norm_weight_std=0.2,
     ),
     "gpt2": _Spec(
@@ -200,12 +208,15 @@ _SPECS: dict[str, _Spec] = {
             n_layer=2,
             n_head=4,
             n_positions=_MAX_POSITIONS,
-            initializer_range=0.5,
+            initializer_range=0.2,
             **_SPECIAL_IDS,
         ),
-        seed=7,
+        seed=9,
         bias_std=0.2,
         norm_weight_std=0.2,
+        # wte is tied and GPT-2 adds it to the residual stream unnormalized, so spread-out row norms
+        # would dominate the input and collapse the outputs onto a handful of tokens.
+        output_row_log_std=0.0,
     ),
 }
 # Same weights as their base kind; only the files on disk are laid out differently.
@@ -242,6 +253,9 @@ def build_model(kind: str) -> torch.nn.Module:
                 param.normal_(0.0, spec.bias_std)
             elif _is_norm_weight(name) and spec.norm_weight_std:
                 param.normal_(1.0, spec.norm_weight_std)
+        if spec.output_row_log_std:
+            rows = model.get_output_embeddings().weight
+            rows.mul_(torch.exp(torch.randn(rows.shape[0], 1) * spec.output_row_log_std))
     model.generation_config = GenerationConfig(
         bos_token_id=_SPECIAL_IDS["bos_token_id"],
         eos_token_id=chat_eos_token_ids(_TOKENIZER),

@@ -92,6 +92,17 @@ def test_top_k_keeps_exactly_the_k_largest():
     assert torch.allclose(frequencies(logits, seq.params), expected, atol=FREQ_TOL)
 
 
+@pytest.mark.parametrize("with_top_p_row", [False, True], ids=["top-k only", "with top-p"])
+def test_top_k_keeps_exactly_k_among_ties(with_top_p_row):
+    # A top-p row in the batch sends every row down the full-sort path instead of the top-k one.
+    logits = torch.tensor([[1.0, 2.0, 2.0, 2.0, 2.0, 0.0]] * 2)
+    seqs = [make_seq(top_k=2), make_seq(top_p=0.5) if with_top_p_row else make_seq(top_k=9)]
+    probs = sampling_probs(logits, seqs)
+    assert len(support(probs[0])) == 2 and support(probs[0]) <= {1, 2, 3, 4}
+    assert torch.allclose(probs[0].sum(), torch.tensor(1.0))
+    assert len(support(probs[1])) == (3 if with_top_p_row else 6)  # 3 x 0.222 is the first prefix >= 0.5
+
+
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.8, 0.9, 0.99])
 def test_top_p_keeps_minimal_nucleus(top_p):
     dist = [0.15, 0.05, 0.4, 0.1, 0.3]
