@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from tests.checkpoints import KINDS, PARITY_PROMPTS
+from checkpoints import KINDS, PARITY_PROMPTS
 
 NEW_TOKENS = 32
 TOP = 5
