@@ -5,10 +5,12 @@
 
 Each request has a random prompt (token ids) and a random output length, both uniform in the given
 ranges; generation is greedy with ignore_eos, so both engines produce exactly the requested number of
-tokens. Throughput = requested output tokens / wall time. transformers runs batches of
---hf-batch-size prompts (left-padded, each batch generating its longest requested output), which is
-how HF generate serves a mixed workload; only the requested tokens count towards its throughput.
-Needs the test extra (transformers) for the reference and for building the random model.
+tokens. Throughput = requested output tokens / wall time.
+
+transformers is measured once per --hf-batch-size: batch 1 is generate run per prompt; a larger batch
+is left-padded and generates its longest requested output, which is how HF generate serves a mixed
+workload; only the requested tokens count towards its throughput. Needs the test extra
+(transformers) for the reference and for building the random model.
 """
 
 from __future__ import annotations
@@ -67,23 +69,23 @@ def run_attnserve(model_dir: Path, prompts, out_lens, args) -> dict:
 
 
 @torch.inference_mode()
-def run_transformers(model_dir: Path, prompts, out_lens, args) -> dict:
+def run_transformers(model_dir: Path, prompts, out_lens, batch_size: int, device: str) -> dict:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(args.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     pad = 2
     start = time.perf_counter()
-    for i in range(0, len(prompts), args.hf_batch_size):
-        batch, lens = prompts[i : i + args.hf_batch_size], out_lens[i : i + args.hf_batch_size]
+    for i in range(0, len(prompts), batch_size):
+        batch, lens = prompts[i : i + batch_size], out_lens[i : i + batch_size]
         width = max(map(len, batch))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=args.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=args.device)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         new = max(lens)
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                        do_sample=False, pad_token_id=pad, eos_token_id=None)
     elapsed = time.perf_counter() - start
     useful = sum(out_lens)
-    return {"seconds": elapsed, "output_tokens": useful, "tokens_per_s": useful / elapsed}
+    return {"batch_size": batch_size, "seconds": elapsed, "output_tokens": useful, "tokens_per_s": useful / elapsed}
 
 
 def main() -> None:
@@ -92,7 +94,8 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--input-len", type=int, nargs=2, default=(32, 256), metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, nargs=2, default=(32, 256), metavar=("MIN", "MAX"))
-    p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--hf-batch-size", type=int, nargs="+", default=[1, 16],
+                   help="transformers batch sizes to measure (1 = generate per prompt)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--device", default="cpu")
@@ -109,7 +112,9 @@ def main() -> None:
         prompts, out_lens = make_workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), vocab,
                                           args.seed)
         ours = run_attnserve(model_dir, prompts, out_lens, args)
-        hf = None if args.skip_hf else run_transformers(model_dir, prompts, out_lens, args)
+        hf = [] if args.skip_hf else [
+            run_transformers(model_dir, prompts, out_lens, bs, args.device) for bs in args.hf_batch_size
+        ]
 
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -117,13 +122,13 @@ def main() -> None:
         "workload": {"requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len},
         "attnserve": ours,
         "transformers": hf,
-        "ratio": ours["tokens_per_s"] / hf["tokens_per_s"] if hf else None,
+        "ratios": {r["batch_size"]: ours["tokens_per_s"] / r["tokens_per_s"] for r in hf},
     }
-    print(f"attnserve:    {ours['output_tokens']} tokens in {ours['seconds']:.1f} s = {ours['tokens_per_s']:.1f} tok/s")
-    if hf:
-        print(f"transformers: {hf['output_tokens']} tokens in {hf['seconds']:.1f} s = {hf['tokens_per_s']:.1f} tok/s "
-              f"(batch {args.hf_batch_size})")
-        print(f"ratio attnserve / transformers: {report['ratio']:.2f}x")
+    print(f"attnserve:                {ours['output_tokens']} tokens in {ours['seconds']:6.1f} s = "
+          f"{ours['tokens_per_s']:7.1f} tok/s")
+    for r in hf:
+        print(f"transformers (batch {r['batch_size']:3d}): {r['output_tokens']} tokens in {r['seconds']:6.1f} s = "
+              f"{r['tokens_per_s']:7.1f} tok/s   ratio attnserve/transformers {report['ratios'][r['batch_size']]:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -90,6 +90,12 @@ class EngineArgs:
             )
         batched = self.max_num_batched_tokens or (2048 if self.enable_chunked_prefill else max(2048, max_model_len))
         _positive("max_num_batched_tokens", batched)
+        if batched < self.max_num_seqs:
+            # Otherwise some running decodes would get no token in a step, every step.
+            raise ValidationError(
+                f"max_num_batched_tokens ({batched}) must be >= max_num_seqs ({self.max_num_seqs})",
+                "max_num_batched_tokens",
+            )
         if not self.enable_chunked_prefill and batched < max_model_len:
             raise ValidationError(
                 f"without chunked prefill, max_num_batched_tokens ({batched}) must be >= max_model_len ({max_model_len})",

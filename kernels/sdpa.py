@@ -2,10 +2,10 @@
 
 This is the CPU path and the oracle the fast GPU kernels are tested against.
 
-Sequences are split into two groups per step: decodes (one query each) and prefill chunks. Padding
-every decode to the longest prefill chunk's query length would multiply the decode work by that
-length, and a step mixing 60 decodes with one 512-token chunk is the common case under continuous
-batching.
+Sequences are split into groups per step: decodes (one query each) apart from prefill chunks, because
+padding every decode to the longest chunk's query length would multiply the decode work by that
+length (a step mixing 60 decodes with one 512-token chunk is the common case under continuous
+batching); and within each kind, by length, so that short contexts are not padded to the longest.
 """
 
 from __future__ import annotations
@@ -95,6 +95,30 @@ def _build_group(layout: BatchLayout, seq_idx: list[int], query_start: list[int]
     )
 
 
+# A group's padded work is num_seqs * max_q * max_ctx. Sequences are grouped by descending length and
+# a new group starts once a sequence is shorter than this fraction of the group's longest, which bounds
+# the padding waste per sequence; each extra group costs one more SDPA call per layer.
+_MIN_FILL = 0.6
+_MIN_GROUP = 4  # fewer sequences than this are not worth their own call
+
+
+def _split_by_length(seq_idx: list[int], layout: BatchLayout) -> list[list[int]]:
+    if not seq_idx:
+        return []
+    ordered = sorted(seq_idx, key=lambda i: (layout.context_lens[i], layout.query_lens[i]), reverse=True)
+    groups: list[list[int]] = [[ordered[0]]]
+    for i in ordered[1:]:
+        head = groups[-1][0]
+        short = layout.context_lens[i] < _MIN_FILL * layout.context_lens[head] or (
+            layout.query_lens[i] < _MIN_FILL * layout.query_lens[head]
+        )
+        if short and len(groups[-1]) >= _MIN_GROUP:
+            groups.append([i])
+        else:
+            groups[-1].append(i)
+    return groups
+
+
 @register_backend("sdpa")
 class SdpaBackend(AttentionBackend):
     def plan(self, layout: BatchLayout) -> SdpaMetadata:
@@ -104,7 +128,11 @@ class SdpaBackend(AttentionBackend):
             query_start.append(query_start[-1] + n)
         decodes = [i for i, n in enumerate(layout.query_lens) if n == 1]
         prefills = [i for i, n in enumerate(layout.query_lens) if n > 1]
-        groups = [_build_group(layout, idx, query_start, device) for idx in (decodes, prefills) if idx]
+        groups = [
+            _build_group(layout, idx, query_start, device)
+            for kind in (decodes, prefills)
+            for idx in _split_by_length(kind, layout)
+        ]
         return SdpaMetadata(slot_mapping=layout.slot_mapping, groups=groups)
 
     def forward(

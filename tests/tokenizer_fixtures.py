@@ -11,6 +11,7 @@ Both are trained on a small multilingual corpus so that CJK and emoji text ends 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -121,8 +122,13 @@ def build_metaspace_dir(path: Path, *, tokenizer_class: str = "LlamaTokenizer") 
     # Trained on split words (pieces never span a `▁`, as in SentencePiece) with a small alphabet, so that rare
     # characters (CJK, emoji) can only be spelled with byte tokens.
     trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    # The trainer breaks ties between equally frequent characters in hash order, which differs between
+    # processes; choosing the alphabet here (by count, then by character) keeps the vocabulary stable.
+    counts = Counter(ch for text in _corpus() for ch in text.replace(" ", "\u2581"))
+    alphabet = sorted(counts, key=lambda ch: (-counts[ch], ch))[:45]
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=45, show_progress=False
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet), show_progress=False,
     )
     trainer_tok.train_from_iterator(_corpus(), trainer=trainer)
     trained = json.loads(trainer_tok.to_str())["model"]
