@@ -113,7 +113,8 @@ class ModelConfig:
 
 
 def read_json(file: Path, required: bool = False) -> dict:
-    if not file.exists():
+    """The object in a model directory's JSON file; {} for a missing optional file."""
+    if not file.is_file():
         if required:
             raise ModelLoadError(f"missing {file.name} in {file.parent}")
         return {}
@@ -122,7 +123,7 @@ def read_json(file: Path, required: bool = False) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{file} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise ModelLoadError(f"{file} must hold a JSON object")
+        raise ModelLoadError(f"{file} must hold a JSON object, got {type(data).__name__}")
     return data
 
 

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, read_json
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_args import EngineArgs
 from engine.errors import ValidationError
@@ -97,8 +97,6 @@ class LLMEngine:
         return dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, max_model_len=capacity))
 
     def _read_generation_defaults(self) -> dict:
-        from engine.config import read_json
-
         gen = read_json(self.config.model.path / "generation_config.json")
         keys = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                 "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}

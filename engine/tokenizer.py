@@ -9,7 +9,6 @@ tokenizer.json exists). This module does the same with the `tokenizers` library 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import tokenizers
 from tokenizers import AddedToken
 
 from engine.chat_template import normalize_messages, render_chat_template
+from engine.config import read_json
 from engine.errors import ModelLoadError, ValidationError
 
 # The named special tokens transformers knows; their strings are also visible to chat templates.
@@ -73,12 +73,12 @@ class Tokenizer:
         except Exception as e:  # noqa: BLE001 - the Rust loader raises a bare Exception for any parse error
             raise ModelLoadError(f"{tokenizer_file} is not a valid tokenizer.json: {e}") from e
 
-        config = _read_json(model_dir / "tokenizer_config.json") or {}
+        config = read_json(model_dir / "tokenizer_config.json")
         named: dict[str, Any] = {name: config.get(name) for name in SPECIAL_TOKEN_NAMES}
         extra = [tok for key in _EXTRA_SPECIAL_KEYS for tok in _as_token_list(config.get(key))]
         # transformers consults special_tokens_map.json only for configs that predate added_tokens_decoder.
         if "added_tokens_decoder" not in config:
-            token_map = _read_json(model_dir / "special_tokens_map.json") or {}
+            token_map = read_json(model_dir / "special_tokens_map.json")
             named.update({name: value for name, value in token_map.items() if name in SPECIAL_TOKEN_NAMES})
             extra += [tok for key in _EXTRA_SPECIAL_KEYS for tok in _as_token_list(token_map.get(key))]
         if named["pad_token"] is None and "pad_token" not in config and backend.padding:
@@ -86,7 +86,7 @@ class Tokenizer:
 
         declared = _added_tokens_decoder(config, model_dir / "tokenizer_config.json")
         _register_tokens(backend, declared, named, extra)
-        generation = _read_json(model_dir / "generation_config.json") or {}
+        generation = read_json(model_dir / "generation_config.json")
         return cls(
             backend,
             special_tokens={name: _token_content(value) for name, value in named.items()},
@@ -222,19 +222,6 @@ class Tokenizer:
 
     def _token_id(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)
-
-
-def _read_json(path: Path) -> dict | None:
-    """The object in a JSON file; None when the file does not exist."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _read_text(path: Path) -> str:

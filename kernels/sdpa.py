@@ -65,14 +65,18 @@ class SdpaMetadata:
 
 
 def _build_group(layout: BatchLayout, seq_idx: list[int], query_start: list[int], device: torch.device) -> _Group:
+    # Index arithmetic runs on the host from Python lists (no device sync); only the slot lookup in the
+    # block tables runs where the tables live.
     q_lens = torch.tensor([layout.query_lens[i] for i in seq_idx], dtype=torch.long)
     ctx_lens = torch.tensor([layout.context_lens[i] for i in seq_idx], dtype=torch.long)
     starts = torch.tensor([query_start[i] for i in seq_idx], dtype=torch.long)
-    num_seqs, max_q, max_ctx = len(seq_idx), int(q_lens.max()), int(ctx_lens.max())
+    num_seqs = len(seq_idx)
+    max_q = max(layout.query_lens[i] for i in seq_idx)
+    max_ctx = max(layout.context_lens[i] for i in seq_idx)
 
     seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)
     first_token = torch.cumsum(q_lens, 0) - q_lens
-    offset = torch.arange(int(q_lens.sum())) - first_token[seq_of_token]
+    offset = torch.arange(seq_of_token.numel()) - first_token[seq_of_token]
     rows = starts[seq_of_token] + offset
     pad_index = seq_of_token * max_q + offset
 
@@ -80,9 +84,9 @@ def _build_group(layout: BatchLayout, seq_idx: list[int], query_start: list[int]
     query_pos.view(-1)[pad_index] = (ctx_lens - q_lens)[seq_of_token] + offset
 
     bs = layout.block_size
-    key_pos = torch.arange(max_ctx)
-    tables = layout.block_tables.cpu()[seq_idx][:, key_pos // bs]
-    kv_slots = (tables * bs + key_pos % bs).reshape(-1)
+    key_pos = torch.arange(max_ctx, device=layout.block_tables.device)
+    tables = layout.block_tables.index_select(0, torch.tensor(seq_idx, device=layout.block_tables.device))
+    kv_slots = (tables[:, key_pos // bs] * bs + key_pos % bs).reshape(-1)
 
     return _Group(
         num_seqs=num_seqs,
@@ -159,8 +163,9 @@ class SdpaBackend(AttentionBackend):
                 padded.index_copy_(0, g.pad_index, q_rows)
                 q_rows = padded
             qg = q_rows.view(g.num_seqs, g.max_q, num_heads, head_dim).transpose(1, 2)
-            kg = k_slots.index_select(0, g.kv_slots).view(g.num_seqs, g.max_ctx, kv_heads, head_dim).transpose(1, 2)
-            vg = v_slots.index_select(0, g.kv_slots).view(g.num_seqs, g.max_ctx, kv_heads, head_dim).transpose(1, 2)
+            kv_shape = (g.num_seqs, g.max_ctx, kv_heads, head_dim)
+            kg = k_slots.index_select(0, g.kv_slots).view(kv_shape).transpose(1, 2)
+            vg = v_slots.index_select(0, g.kv_slots).view(kv_shape).transpose(1, 2)
             if kv_heads != num_heads and not _sdpa_has_enable_gqa():
                 kg = kg.repeat_interleave(num_heads // kv_heads, dim=1)
                 vg = vg.repeat_interleave(num_heads // kv_heads, dim=1)
