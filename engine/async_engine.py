@@ -16,7 +16,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.errors import EngineDeadError, ValidationError
@@ -25,6 +25,50 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+class RequestStream:
+    """Delta outputs of one request, ending after the output marked finished. An error in the engine is
+    raised from the iteration. If the consumer leaves before the end, the request is aborted."""
+
+    def __init__(self, request_id: str, queue: asyncio.Queue, abort: Callable[[str], None]):
+        self.request_id = request_id
+        self._queue = queue
+        self._abort = abort
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:  # cancelled while waiting (e.g. the client disconnected)
+            await self.aclose()
+            raise
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        self._done = item.finished
+        return item
+
+    def __await__(self):
+        # Lets callers write `stream = await engine.add_request(...)` as well.
+        async def itself() -> RequestStream:
+            return self
+
+        return itself().__await__()
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            self._abort(self.request_id)
+
+    def __del__(self) -> None:
+        if not self._done:
+            self._abort(self.request_id)
 
 
 @dataclass
@@ -67,12 +111,14 @@ class AsyncEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         return self.engine.prepare_request(request_id, prompt, params)
 
-    async def add_request(
+    def add_request(
         self, prompt: str | list[int] | PreparedRequest, params: SamplingParams | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Queue a request; returns an async iterator of its delta outputs. Validation errors raise here, before
-        iteration starts. Leaving the iteration early (e.g. a client disconnect) aborts the request."""
+    ) -> RequestStream:
+        """Queue a request and return the async iterator of its delta outputs (`async for out in
+        engine.add_request(...)`; awaiting it first also works). Must be called with an event loop running.
+        Validation errors raise here, before anything is queued. Leaving the iteration early (e.g. a
+        client disconnect) and calling `aclose()`, or dropping the stream, aborts the request."""
         req = prompt if isinstance(prompt, PreparedRequest) else self.prepare(prompt, params, request_id)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
@@ -82,20 +128,7 @@ class AsyncEngine:
                 raise ValidationError(f"request id {req.request_id!r} is already in use", "request_id")
             self._streams[req.request_id] = stream
         self._commands.put(("add", req))
-        return self._iterate(req.request_id, stream)
-
-    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                self.abort(request_id)
+        return RequestStream(req.request_id, stream.queue, self.abort)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))

@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def stream_all(engine: AsyncEngine, prompts: list[str], params: SamplingParams) -> None:
     async def one(i: int, prompt: str) -> None:
-        async for out in await engine.add_request(prompt, params):
+        async for out in engine.add_request(prompt, params):
             for c in out.outputs:
                 if c.text:
                     print(f"[{i}] {c.text!r}", flush=True)

@@ -35,11 +35,12 @@ class LLM:
 
     def generate(
         self,
-        prompts: Prompt | list[Prompt],
+        prompts: Prompt | dict | list,
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """prompts: a string, a list of token ids, or a list of either. Outputs come back in prompt order."""
+        """prompts: a string, a list of token ids, a vLLM-style dict ({"prompt": ...} or {"prompt_token_ids": ...}),
+        or a list of those. Outputs come back in prompt order."""
         prompt_list = _as_prompt_list(prompts)
         if isinstance(sampling_params, list):
             if len(sampling_params) != len(prompt_list):
@@ -95,14 +96,28 @@ class LLM:
         return [final[i] for i in request_ids]
 
 
-def _as_prompt_list(prompts: Prompt | list[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]
-    if isinstance(prompts, (list, tuple)) and prompts:
-        return list(prompts)
-    raise ValidationError("prompts must be a string, a list of token ids, or a non-empty list of those", "prompt")
+def _as_prompt_list(prompts: Prompt | dict | list) -> list[Prompt]:
+    if isinstance(prompts, (str, dict)):
+        prompts = [prompts]
+    elif isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValidationError(
+            "prompts must be a string, a list of token ids, a {'prompt': ...} or {'prompt_token_ids': ...} dict, "
+            "or a non-empty list of those", "prompt"
+        )
+    return [_unwrap(p) for p in prompts]
+
+
+def _unwrap(prompt) -> Prompt:
+    # vLLM-style prompt dicts.
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt["prompt_token_ids"]
+        if "prompt" in prompt:
+            return prompt["prompt"]
+        raise ValidationError("a prompt dict needs a 'prompt' or 'prompt_token_ids' key", "prompt")
+    return prompt
 
 
 def _merge(out: RequestOutput, delta: RequestOutput) -> None:

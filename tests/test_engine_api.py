@@ -126,6 +126,17 @@ def test_outputs_keep_prompt_order_and_accept_all_prompt_forms(llm):
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
     assert c[0].outputs[0].token_ids == a[0].outputs[0].token_ids
     assert a[0].prompt == "alpha beta" and a[0].prompt_token_ids == ids
+    d = llm.generate([{"prompt": "alpha beta"}, {"prompt_token_ids": tok.encode("gamma")}], greedy(max_tokens=4))
+    assert [o.outputs[0].token_ids for o in d] == [o.outputs[0].token_ids for o in a]
+    with pytest.raises(ValidationError, match="prompt_token_ids"):
+        llm.generate({"text": "x"}, greedy())
+
+
+def test_cumulative_logprob_is_the_sum_of_sampled_logprobs(llm):
+    out = llm.generate("Hello", greedy(max_tokens=6, logprobs=0))[0].outputs[0]
+    assert len(out.logprobs) == 6 and all(lp.top == [] and lp.rank == 1 for lp in out.logprobs)
+    assert out.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in out.logprobs))
+    assert llm.generate("Hello", greedy(max_tokens=2))[0].outputs[0].cumulative_logprob is None
 
 
 def test_chat_applies_the_template(llm):
@@ -163,7 +174,7 @@ def async_engine(llama):
 def collect(engine: AsyncEngine, prompt, params):
     async def go():
         deltas = []
-        async for out in await engine.add_request(prompt, params):
+        async for out in engine.add_request(prompt, params):
             deltas.append(out)
         return deltas
 
@@ -184,7 +195,7 @@ def test_async_concurrent_requests(async_engine):
     async def go():
         async def one(i):
             text = ""
-            async for out in await async_engine.add_request(f"prompt number {i}", greedy(max_tokens=6 + i)):
+            async for out in async_engine.add_request(f"prompt number {i}", greedy(max_tokens=6 + i)):
                 text += "".join(c.text for c in out.outputs)
             return text
 
@@ -238,3 +249,27 @@ def test_engine_death_reaches_every_caller(llama, monkeypatch):
     with pytest.raises(EngineDeadError):
         asyncio.run(go())
     engine.shutdown()
+
+
+def test_cancelled_consumer_aborts_and_stream_works_without_await(async_engine):
+    async def go():
+        stream = async_engine.add_request("a long story", greedy(max_tokens=100))  # no await needed
+        first = asyncio.Event()
+
+        async def consume():
+            async for _ in stream:
+                first.set()
+
+        task = asyncio.create_task(consume())
+        await first.wait()
+        task.cancel()  # e.g. the HTTP client went away mid-stream
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):
+            s = async_engine.stats()
+            if s.num_running == 0 and s.kv_cache_usage == 0.0:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    assert asyncio.run(go())
