@@ -18,7 +18,7 @@ from engine.models.common import ForwardContext
 from engine.models.loader import load_model
 from engine.sampler import Sampler, SamplerOutput
 from engine.sequence import Sequence
-from kernels.backend import BatchLayout, get_attention_backend
+from kernels.backend import BatchLayout, get_attention_backend, segment_offsets
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +105,8 @@ class ModelRunner:
             tokens.extend(seq.token_ids[c : c + n])
         width = max(len(s.block_ids) for s, _ in scheduled)
         tables = torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s, _ in scheduled], dtype=torch.long)
-        q_lens = torch.tensor(query_lens)
-        seq_of_token = torch.repeat_interleave(torch.arange(len(scheduled)), q_lens)
-        first_token = torch.cumsum(q_lens, 0) - q_lens
-        positions = torch.tensor(starts)[seq_of_token] + torch.arange(len(tokens)) - first_token[seq_of_token]
+        seq_of_token, offset = segment_offsets(torch.tensor(query_lens))
+        positions = torch.tensor(starts)[seq_of_token] + offset
         slots = tables[seq_of_token, positions // bs] * bs + positions % bs
         dev = self.device
         layout = BatchLayout(query_lens, context_lens, tables.to(dev), slots.to(dev), bs)

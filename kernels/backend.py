@@ -40,6 +40,15 @@ class BatchLayout:
         return int(self.slot_mapping.numel())
 
 
+def segment_offsets(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For segments of the given lengths laid end to end: each element's segment index and its offset
+    inside that segment. lengths [3, 1, 2] -> ([0, 0, 0, 1, 2, 2], [0, 1, 2, 0, 0, 1])."""
+    segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    first = torch.cumsum(lengths, 0) - lengths
+    offset = torch.arange(segment.numel(), device=lengths.device) - first[segment]
+    return segment, offset
+
+
 class AttentionBackend(ABC):
     name: str = ""
 

@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import AttentionBackend, BatchLayout, register_backend
+from kernels.backend import AttentionBackend, BatchLayout, register_backend, segment_offsets
 from kernels.kv_write import write_kv
 
 
@@ -74,9 +74,7 @@ def _build_group(layout: BatchLayout, seq_idx: list[int], query_start: list[int]
     max_q = max(layout.query_lens[i] for i in seq_idx)
     max_ctx = max(layout.context_lens[i] for i in seq_idx)
 
-    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)
-    first_token = torch.cumsum(q_lens, 0) - q_lens
-    offset = torch.arange(seq_of_token.numel()) - first_token[seq_of_token]
+    seq_of_token, offset = segment_offsets(q_lens)
     rows = starts[seq_of_token] + offset
     pad_index = seq_of_token * max_q + offset
 
