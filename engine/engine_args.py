@@ -50,7 +50,7 @@ class EngineArgs:
     kv_cache_memory: int | str = 1 << 30
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = None  # None: 256, or fewer if the token budget is smaller
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
     attention_backend: str | None = None
@@ -71,7 +71,8 @@ class EngineArgs:
         model = ModelConfig.from_dir(model_dir)
         device = resolve_device(self.device)
         _positive("block_size", self.block_size)
-        _positive("max_num_seqs", self.max_num_seqs)
+        if self.max_num_seqs is not None:
+            _positive("max_num_seqs", self.max_num_seqs)
         if self.num_kv_blocks is not None:
             _positive("num_kv_blocks", self.num_kv_blocks)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -90,10 +91,11 @@ class EngineArgs:
             )
         batched = self.max_num_batched_tokens or (2048 if self.enable_chunked_prefill else max(2048, max_model_len))
         _positive("max_num_batched_tokens", batched)
-        if batched < self.max_num_seqs:
-            # Otherwise some running decodes would get no token in a step, every step.
+        # Every running sequence must fit in one step's budget, or some decodes would get no token, every step.
+        max_num_seqs = self.max_num_seqs if self.max_num_seqs is not None else min(256, batched)
+        if batched < max_num_seqs:
             raise ValidationError(
-                f"max_num_batched_tokens ({batched}) must be >= max_num_seqs ({self.max_num_seqs})",
+                f"max_num_batched_tokens ({batched}) must be >= max_num_seqs ({max_num_seqs})",
                 "max_num_batched_tokens",
             )
         if not self.enable_chunked_prefill and batched < max_model_len:
@@ -104,7 +106,7 @@ class EngineArgs:
         return EngineConfig(
             model=model,
             cache=CacheConfig(self.block_size, self.num_kv_blocks, kv_memory, self.gpu_memory_utilization),
-            scheduler=SchedulerConfig(self.max_num_seqs, batched, max_model_len, self.enable_chunked_prefill),
+            scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len, self.enable_chunked_prefill),
             device=device,
             dtype=parse_dtype(self.dtype, device),
             seed=self.seed,

@@ -62,7 +62,7 @@ def test_chunked_prefill_equals_one_chunk(kind, make_ckpt):
     path = make_ckpt(kind)
     prompts = random_prompts(8, seed=2, lo=20, hi=70)
     whole = run(LLM(str(path), max_model_len=128, max_num_batched_tokens=2048), prompts)
-    chunked = LLM(str(path), max_model_len=128, max_num_batched_tokens=7, max_num_seqs=7)
+    chunked = LLM(str(path), max_model_len=128, max_num_batched_tokens=7)
     assert_same(run(chunked, prompts), whole)
 
 
