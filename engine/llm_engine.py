@@ -100,7 +100,15 @@ class LLMEngine:
         gen = read_json(self.config.model.path / "generation_config.json")
         keys = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                 "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
-        return {ours: gen[theirs] for theirs, ours in keys.items() if gen.get(theirs) is not None}
+        defaults = {ours: gen[theirs] for theirs, ours in keys.items() if gen.get(theirs) is not None}
+        while True:
+            try:
+                SamplingParams(**defaults)
+                return defaults
+            except ValidationError as exc:
+                # A bad value in a model's own file should not make the model unservable.
+                logger.warning("ignoring %s from generation_config.json: %s", exc.param, exc)
+                defaults.pop(exc.param)
 
     @property
     def max_model_len(self) -> int:
@@ -135,13 +143,19 @@ class LLMEngine:
         params.validate()
         params.check_vocab(self.vocab_size)
         params = params.clone(eos_token_ids=frozenset(self.eos_token_ids))
+        if len(ids) >= self.max_model_len:
+            raise ValidationError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has {len(ids)}; "
+                f"a prompt may have at most {self.max_model_len - 1} tokens to leave room for the completion",
+                "prompt",
+            )
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
         total = len(ids) + max_tokens
-        if len(ids) >= self.max_model_len or total > self.max_model_len:
+        if total > self.max_model_len:
             raise ValidationError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but {total} were requested "
                 f"({len(ids)} in the prompt, {max_tokens} for the completion); shorten the prompt or lower max_tokens",
-                "max_tokens" if len(ids) < self.max_model_len else "prompt",
+                "max_tokens",
             )
         if blocks_for(total, self.config.cache.block_size) > self.pool.num_blocks:
             raise ValidationError(
@@ -197,10 +211,6 @@ class LLMEngine:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress with requests pending (pool or budget misconfigured)")
             return []
-        now = time.monotonic()
-        for seq, _ in sched.scheduled:
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = now
         sampled_seqs, sampler_out = self.runner.execute(sched.scheduled)
         for seq, n in sched.scheduled:
             seq.num_computed_tokens += n
@@ -222,8 +232,6 @@ class LLMEngine:
         return outputs
 
     def _append(self, seq: Sequence, token: int, logprob) -> CompletionOutput:
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
         seq.append_token(token)
         self.counters.generation_tokens += 1
         if logprob is not None:

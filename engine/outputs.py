@@ -43,5 +43,3 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    num_cached_tokens: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)

@@ -107,7 +107,6 @@ class Scheduler:
         """Recompute-preemption: drop the sequence's KV and send it to the front of the queue."""
         self._release(seq)
         seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 

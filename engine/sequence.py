@@ -54,9 +54,6 @@ class Sequence:
             self.generator = torch.Generator()
             self.generator.manual_seed((params.seed + index) % 2**64)
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
-        self.first_scheduled_time: float | None = None
-        self.first_token_time: float | None = None
-        self.num_preemptions = 0
 
     @property
     def num_tokens(self) -> int:

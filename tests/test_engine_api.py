@@ -160,6 +160,12 @@ def test_generation_config_supplies_default_params(llama, tmp_path):
     out = llm.generate("Hi", None)[0].outputs[0]
     assert out.finish_reason == "stop" or len(out.token_ids) == 7
 
+    # An out-of-range value in the model's file is dropped (with a warning), the rest still apply.
+    gen.update(temperature=-3.0)
+    (d / "generation_config.json").write_text(json.dumps(gen))
+    p = LLM(str(d), max_model_len=64).get_default_sampling_params()
+    assert (p.temperature, p.top_p, p.max_tokens) == (1.0, 0.8, 7)
+
 
 # ---- async engine --------------------------------------------------------------------------------
 
