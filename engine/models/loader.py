@@ -1,9 +1,9 @@
 """Loading HF safetensors checkpoints straight into the model.
 
-The model is built on the meta device (no memory, no init), then each checkpoint tensor is read
-once and either becomes the parameter itself (same dtype and device: no copy at all) or is copied
-into its slice of a fused parameter. Peak memory is the model plus one tensor. Only safetensors are
-read: never torch.load or pickle.
+The model is built on the meta device (no memory, no init), then each checkpoint tensor's bytes are
+read once, straight into the parameter (or its row slice of a fused parameter) when dtype and device
+already match, else through one temporary tensor. Peak memory is the model plus at most one tensor.
+Only safetensors are read: never torch.load or pickle.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from engine.config import ModelConfig, read_json
 from engine.errors import ModelLoadError
 from engine.models import MODEL_REGISTRY
 from engine.models.common import WeightTarget
+from engine.models.safetensors_io import SafetensorsFile
 
 logger = logging.getLogger(__name__)
 
@@ -51,20 +51,15 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn
     rows_loaded = {name: 0 for name in params}
     unexpected: list[str] = []
     for file in checkpoint_files(cfg.path):
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    target = model.map_weight(name)
-                    if target is None:
-                        continue
-                    if target.param not in params:
-                        unexpected.append(name)
-                        continue
-                    rows_loaded[target.param] += _place(model, params, target, f.get_tensor(name), device, dtype, name)
-        except SafetensorError as exc:
-            raise ModelLoadError(f"corrupt safetensors file {file}: {exc}") from exc
-        except (OSError, RuntimeError) as exc:
-            raise ModelLoadError(f"cannot read {file}: {exc}") from exc
+        with SafetensorsFile(file) as f:
+            for name in f.keys():
+                target = model.map_weight(name)
+                if target is None:
+                    continue
+                if target.param not in params:
+                    unexpected.append(name)
+                    continue
+                rows_loaded[target.param] += _place(model, params, target, f, name, device, dtype)
     _check_complete(model, params, rows_loaded)
     if unexpected:
         logger.warning("ignored %d unexpected checkpoint tensors, e.g. %s", len(unexpected), unexpected[:5])
@@ -72,29 +67,42 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn
     return model.eval()
 
 
-def _place(model, params, target: WeightTarget, tensor, device, dtype, name: str) -> int:
-    """Put one checkpoint tensor into the model; returns how many parameter rows it filled."""
-    if target.transpose:
-        tensor = tensor.t()
+def _place(model, params, target: WeightTarget, f: SafetensorsFile, name: str, device, dtype) -> int:
+    """Read one checkpoint tensor into the model; returns how many parameter rows it filled."""
+    shape = f.shape(name)[::-1] if target.transpose else f.shape(name)
     param = params[target.param]
-    module_name, _, attr = target.param.rpartition(".")
-    module = model.get_submodule(module_name)
+    # Same dtype on CPU and no transpose: the file's bytes are read straight into the parameter.
+    direct = f.dtype(name) == dtype and device.type == "cpu" and not target.transpose
+
+    def loaded() -> torch.Tensor:
+        data = f.read(name)
+        return data.t() if target.transpose else data
+
     if target.row_offset is None:
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise ModelLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
-        new = nn.Parameter(tensor.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
+        if tuple(shape) != tuple(param.shape):
+            raise ModelLoadError(f"{name}: checkpoint shape {tuple(shape)}, model expects {tuple(param.shape)}")
+        if direct:
+            data = torch.empty(shape, dtype=dtype)
+            f.read_into(name, data)
+        else:
+            data = loaded().to(device=device, dtype=dtype).contiguous()
+        new = nn.Parameter(data, requires_grad=False)
     else:
         # A piece of a fused parameter: allocate the whole parameter on first sight, then fill its rows.
+        if tuple(shape[1:]) != tuple(param.shape[1:]) or target.row_offset + shape[0] > param.shape[0]:
+            raise ModelLoadError(f"{name}: checkpoint shape {tuple(shape)} does not fit {target.param}")
         new = param if param.device == device else nn.Parameter(
             torch.empty(param.shape, device=device, dtype=dtype), requires_grad=False
         )
-        rows = tensor.shape[0]
-        if tuple(tensor.shape[1:]) != tuple(param.shape[1:]) or target.row_offset + rows > param.shape[0]:
-            raise ModelLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit {target.param}")
-        new.data.narrow(0, target.row_offset, rows).copy_(tensor)
-    setattr(module, attr, new)
+        rows = new.data.narrow(0, target.row_offset, shape[0])
+        if direct:
+            f.read_into(name, rows)
+        else:
+            rows.copy_(loaded())
+    module_name, _, attr = target.param.rpartition(".")
+    setattr(model.get_submodule(module_name), attr, new)
     params[target.param] = new
-    return tensor.shape[0]
+    return shape[0]
 
 
 def _check_complete(model: nn.Module, params: dict, rows_loaded: dict[str, int]) -> None:
