@@ -153,6 +153,9 @@ class SdpaBackend(AttentionBackend):
         kv_heads = k_cache.shape[-2]
         k_slots = k_cache.view(-1, kv_heads, head_dim)
         v_slots = v_cache.view(-1, kv_heads, head_dim)
+        # Per model, not per group: let SDPA broadcast KV heads where the torch build can, else repeat them.
+        repeat = 1 if kv_heads == num_heads or _sdpa_has_enable_gqa() else num_heads // kv_heads
+        extra = {"enable_gqa": True} if kv_heads != num_heads and repeat == 1 else {}
         out = torch.empty_like(q)
         for g in metadata.groups:
             q_rows = q.index_select(0, g.rows)
@@ -164,10 +167,8 @@ class SdpaBackend(AttentionBackend):
             kv_shape = (g.num_seqs, g.max_ctx, kv_heads, head_dim)
             kg = k_slots.index_select(0, g.kv_slots).view(kv_shape).transpose(1, 2)
             vg = v_slots.index_select(0, g.kv_slots).view(kv_shape).transpose(1, 2)
-            if kv_heads != num_heads and not _sdpa_has_enable_gqa():
-                kg = kg.repeat_interleave(num_heads // kv_heads, dim=1)
-                vg = vg.repeat_interleave(num_heads // kv_heads, dim=1)
-            extra = {"enable_gqa": True} if kv_heads != num_heads and _sdpa_has_enable_gqa() else {}
+            if repeat > 1:
+                kg, vg = kg.repeat_interleave(repeat, dim=1), vg.repeat_interleave(repeat, dim=1)
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask(sliding_window), scale=scale, **extra)
             og = og.transpose(1, 2).reshape(g.num_seqs * g.max_q, num_heads, head_dim)
             if g.max_q > 1:
