@@ -6,11 +6,12 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONSTRAINTS := constraints/cpu.txt
 PYTEST_ARGS ?=
+SERVE_ARGS ?=
 
 .PHONY: serve test demo bench clean
 
 serve: $(VENV)/.installed
-	$(PY) -m engine.demo
+	$(PY) -m server $(SERVE_ARGS)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)

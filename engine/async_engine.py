@@ -78,12 +78,16 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, fail_after_steps: int | None = None):
+        """`fail_after_steps` is a test hook: the loop raises after that many steps, as if the model had crashed."""
         self.engine = engine
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}
-        self._lock = threading.Lock()  # guards _streams and _dead_error across threads
+        self._lock = threading.Lock()  # guards _streams, _pending_adds and _dead_error across threads
         self._dead_error: BaseException | None = None
+        self._pending_adds = 0  # queued "add" commands the loop has not applied yet
+        self._fail_after_steps = fail_after_steps
+        self._shutdown_reason = "engine was shut down"
         self._stopping = threading.Event()
         self._ids = itertools.count()
         self._stats = engine.stats()
@@ -103,6 +107,13 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         """A snapshot taken by the loop thread after its latest step."""
         return self._stats
+
+    def num_waiting_requests(self) -> int:
+        """Requests not yet running: the engine's waiting queue plus adds still in the command queue. Never below
+        the true count (the snapshot is refreshed before the pending count drops), so admission control built on
+        it cannot overshoot its bound."""
+        with self._lock:
+            return self._stats.num_waiting + self._pending_adds
 
     def prepare(self, prompt: str | list[int], params: SamplingParams | None = None,
                 request_id: str | None = None) -> PreparedRequest:
@@ -127,13 +138,16 @@ class AsyncEngine:
             if req.request_id in self._streams:
                 raise ValidationError(f"request id {req.request_id!r} is already in use", "request_id")
             self._streams[req.request_id] = stream
+            self._pending_adds += 1
         self._commands.put(("add", req))
         return RequestStream(req.request_id, stream.queue, self.abort)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
-    def shutdown(self, timeout: float | None = 10.0) -> None:
+    def shutdown(self, timeout: float | None = 10.0, reason: str = "engine was shut down") -> None:
+        """Stop the loop; requests still in flight end with EngineDeadError(reason)."""
+        self._shutdown_reason = reason
         self._stopping.set()
         self._commands.put(("wake", None))
         self._thread.join(timeout)
@@ -145,11 +159,15 @@ class AsyncEngine:
     # ---- loop side (engine thread) -------------------------------------------------------------
 
     def _run(self) -> None:
+        steps = 0
         try:
             while not self._stopping.is_set():
                 outputs = self._drain_commands(block=not self.engine.has_unfinished_requests())
                 if self.engine.has_unfinished_requests():
+                    if self._fail_after_steps is not None and steps >= self._fail_after_steps:
+                        raise RuntimeError(f"injected engine failure after {steps} steps (test hook)")
                     outputs += self.engine.step()
+                    steps += 1
                 # NOTE: refresh the snapshot before delivering, so a caller that saw its request finish
                 # never reads stats that still count it.
                 self._stats = self.engine.stats()
@@ -159,18 +177,20 @@ class AsyncEngine:
             logger.exception("engine loop died")
             self._fail_all(exc)
             return
-        self._fail_all(EngineDeadError("engine was shut down"))
+        self._fail_all(EngineDeadError(self._shutdown_reason))
 
     def _drain_commands(self, block: bool) -> list[RequestOutput]:
         """Apply queued adds and aborts; returns the final outputs of aborted requests."""
         outputs: list[RequestOutput] = []
+        added = 0
         while True:
             try:
                 kind, arg = self._commands.get(block=block, timeout=0.5 if block else None)
             except queue.Empty:
-                return outputs
+                break
             block = False
             if kind == "add":
+                added += 1
                 try:
                     self.engine.add_prepared(arg)
                 except Exception as exc:  # noqa: BLE001 - a bad request must not take the loop down
@@ -179,6 +199,13 @@ class AsyncEngine:
                 out = self.engine.abort_request(arg)
                 if out is not None:
                     outputs.append(out)
+        if added:
+            # NOTE: snapshot first, then drop the pending count: num_waiting_requests may overcount for a moment,
+            # never undercount.
+            self._stats = self.engine.stats()
+            with self._lock:
+                self._pending_adds -= added
+        return outputs
 
     def _deliver(self, out: RequestOutput) -> None:
         with self._lock:

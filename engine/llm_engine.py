@@ -50,8 +50,8 @@ class _RequestState:
 
 @dataclass
 class EngineStats:
-    num_running: int
-    num_waiting: int
+    num_running: int  # requests with a sequence in the running batch
+    num_waiting: int  # requests waiting for their first (or, after preemption, next) schedule
     kv_cache_usage: float
     num_kv_blocks: int
     num_preemptions: int
@@ -269,9 +269,12 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished)
 
     def stats(self) -> EngineStats:
+        # Counted in requests, not sequences, like vLLM's gauges: an n=4 request is one request.
+        running = {seq.request_id for seq in self.scheduler.running}
+        waiting = {seq.request_id for seq in self.scheduler.waiting} - running
         return EngineStats(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_running=len(running),
+            num_waiting=len(waiting),
             kv_cache_usage=self.pool.usage,
             num_kv_blocks=self.pool.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,

@@ -1,0 +1,161 @@
+"""The `attnserve` command. `attnserve serve` (= `python -m server`) loads a model and serves the HTTP API.
+
+Flags take vLLM's names where vLLM has one, so existing launch scripts carry over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from engine.engine_args import EngineArgs, parse_size
+from engine.errors import AttnServeError
+from server.config import DEFAULT_MAX_BODY_BYTES
+
+DEFAULT_MODEL_NAME = "attnserve-demo"
+API_KEY_ENV = "ATTNSERVE_API_KEY"
+# Test hook: the engine loop fails after this many steps, to exercise the engine-death path end to end.
+FAIL_AFTER_STEPS_ENV = "ATTNSERVE_TEST_FAIL_AFTER_STEPS"
+
+logger = logging.getLogger("attnserve")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags end with one line on stderr (and exit status 2), not a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except AttnServeError:
+        raise argparse.ArgumentTypeError(f"expected a byte count like 4MiB, 512KiB or 1000000, got {text!r}") from None
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    model = p.add_argument_group("model")
+    model.add_argument("--model", metavar="DIR", default=None,
+                       help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json). "
+                            "Default: the built-in demo model (random weights: its output is noise)")
+    model.add_argument("--served-model-name", metavar="NAME", nargs="+", default=None,
+                       help="name(s) clients use in the 'model' field; the first is reported in responses. "
+                            f"Default: the --model argument, or {DEFAULT_MODEL_NAME!r}")
+    model.add_argument("--dtype", default="auto",
+                       help="weights and activations: auto (bfloat16 on CUDA, float32 on CPU), float32, float16, "
+                            "bfloat16 (default: auto)")
+    model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    model.add_argument("--seed", type=int, default=0, help="seed for requests that set none (default: 0)")
+
+    http = p.add_argument_group("HTTP")
+    http.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    http.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
+    http.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                      help=f"require 'Authorization: Bearer KEY' on every route but /health and /version "
+                           f"(default: ${API_KEY_ENV}, else no key)")
+    http.add_argument("--max-queued-requests", type=_positive_int, default=1024,
+                      help="requests allowed to wait for a batch slot; more get 429 with Retry-After (default: 1024)")
+    http.add_argument("--max-request-body-size", type=_size, default=DEFAULT_MAX_BODY_BYTES,
+                      help="largest request body; bigger ones get 413 (default: 4MiB)")
+    http.add_argument("--shutdown-timeout", type=_non_negative_float, default=10.0,
+                      help="on SIGTERM/SIGINT, seconds in-flight requests may take to finish before they are "
+                           "aborted (default: 10)")
+    http.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
+                      help="log verbosity (default: info)")
+    http.add_argument("--disable-access-log", action="store_true", help="do not log one line per HTTP request")
+
+    cache = p.add_argument_group("KV cache and batching")
+    cache.add_argument("--max-model-len", type=_positive_int, default=None,
+                       help="longest prompt + completion in tokens (default: the model's, capped by the KV pool)")
+    cache.add_argument("--max-num-seqs", type=_positive_int, default=None,
+                       help="sequences in one batch (default: 256, or fewer if the token budget is smaller)")
+    cache.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
+                       help="tokens computed per engine step, prefill chunks included (default: 2048)")
+    cache.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                       help="split long prompts over several steps (default: on)")
+    cache.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block (default: 16)")
+    cache.add_argument("--num-kv-blocks", type=_positive_int, default=None,
+                       help="KV blocks to allocate; overrides --kv-cache-memory and --gpu-memory-utilization")
+    cache.add_argument("--kv-cache-memory", type=_size, default=None,
+                       help="KV cache size on CPU, e.g. 2GiB (default: 1GiB)")
+    cache.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9,
+                       help="fraction of GPU memory for weights, activations and KV cache (default: 0.9)")
+    cache.add_argument("--attention-backend", default=None,
+                       help="attention implementation (default: the best for the device)")
+
+
+def engine_args_from(args: argparse.Namespace) -> EngineArgs:
+    extra = {} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}
+    return EngineArgs(
+        model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=args.enable_chunked_prefill,
+        attention_backend=args.attention_backend, **extra,
+    )
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from server.serve import serve  # imports torch: keep --help fast
+
+    return serve(args)
+
+
+# Subcommands: name -> (help, add arguments, run).
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "serve": ("serve a model over the OpenAI-compatible HTTP API", add_serve_args, _run_serve),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="attnserve", description="attnserve: an inference server for decoder-only LLMs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, (help_text, add_args, _) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    return COMMANDS[args.command][2](args)
+
+
+def serve_main(argv: list[str] | None = None, prog: str = "attnserve serve") -> int:
+    parser = _Parser(prog=prog, description=COMMANDS["serve"][0])
+    add_serve_args(parser)
+    return _run_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

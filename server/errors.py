@@ -1,0 +1,145 @@
+"""Every error the API returns has OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+
+`type` follows vLLM (BadRequestError, NotFoundError, ...) and `code` is the HTTP status, so clients written for
+either keep working. FastAPI's own errors (validation 422, unknown route, wrong method, unparsable body) are
+rewritten into the same shape, and validation becomes 400: nothing a client sends yields a 422 or a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.errors import EngineDeadError, ValidationError
+
+logger = logging.getLogger(__name__)
+
+_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    408: "RequestTimeoutError",
+    413: "RequestEntityTooLargeError",
+    415: "UnsupportedMediaTypeError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
+
+
+class APIError(Exception):
+    """An error to answer with; raise it from anywhere in a handler."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.headers = headers
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _TYPES.get(status, "Error"), "param": param, "code": status}}
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    """Map an exception raised while serving a request onto the status a client should see."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return APIError(400, exc.message, exc.param)
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, f"the engine is not running: {exc}")
+    logger.error("internal error while serving a request", exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}")
+
+
+def sse_error(exc: BaseException) -> str:
+    """The event that reports an error once a stream has started (its 200 status is already sent)."""
+    err = as_api_error(exc)
+    return f"data: {json.dumps(error_body(err.status, err.message, err.param))}\n\n"
+
+
+# Human descriptions for fields whose type is a union (pydantic reports one error per alternative).
+_UNION_FIELDS = {
+    "prompt": "a string, a list of strings, a list of token ids, or a list of lists of token ids "
+              "(at most 256 prompts)",
+    "stop": "a string or a list of at most 16 strings, each 1 to 256 characters",
+    "messages": "a non-empty list of {role, content} objects; role is system, developer, user, assistant or tool; "
+                "content is a string or a list of {type: 'text', text} parts",
+}
+
+
+def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One readable line naming the field and what is allowed, from pydantic's error list."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request body", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return f"the request body is not valid JSON{': ' + detail if detail else ''}", None
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") in ("json_invalid", "model_attributes_type", "dict_type") and len(loc) == 0:
+        return "the request body must be a JSON object", None
+    if first.get("type") == "missing" and len(loc) == 0:
+        return "the request body must be a JSON object", None
+    param = loc[0] if loc else None
+    if param in _UNION_FIELDS and first.get("type") != "missing":
+        # Report the most specific complaint when every alternative failed on the same element.
+        return f"'{param}' must be {_UNION_FIELDS[param]}", param
+    where = ".".join(loc) if loc else "body"
+    message = first.get("msg", "invalid value")
+    if first.get("type") == "missing":
+        return f"'{where}' is required", param
+    value = first.get("input")
+    shown = "" if isinstance(value, (dict, list)) else f", got {_short(value)}"
+    return f"'{where}': {message}{shown}", param
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, bool)) or value is None else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.headers)
+
+    @app.exception_handler(ValidationError)
+    async def _engine_validation(request: Request, exc: ValidationError) -> JSONResponse:
+        return error_response(400, exc.message, exc.param)
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
+        return error_response(503, f"the engine is not running: {exc}")
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation_error(exc)
+        return error_response(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        elif exc.status_code == 400:
+            message = f"the request body could not be parsed: {exc.detail}"
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))

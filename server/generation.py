@@ -1,0 +1,295 @@
+"""What completions and chat share: request fields -> SamplingParams, admission, running prompts on the engine,
+merging several requests' streams, and aborting on client disconnect.
+
+Every check that can fail runs before the HTTP status is sent, so a bad request is a 4xx and never a broken stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from engine.async_engine import AsyncEngine, RequestStream
+from engine.errors import ValidationError
+from engine.llm_engine import PreparedRequest
+from engine.outputs import CompletionOutput, TokenLogprob
+from engine.sampling_params import SamplingParams
+from server.config import ServerConfig
+from server.errors import APIError, sse_error
+from server.middleware import ServerState
+from server.protocol import _SamplingFields
+
+
+@dataclass
+class ServingContext:
+    """What the handlers need, held on app.state."""
+
+    engine: AsyncEngine
+    config: ServerConfig
+    state: ServerState
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_names[0]
+
+    @property
+    def tokenizer(self):
+        return self.engine.engine.tokenizer
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.config.served_model_names:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves "
+                                f"{', '.join(self.config.served_model_names)}", "model")
+
+    def check_serving(self) -> None:
+        if self.state.draining:
+            raise APIError(503, "the server is shutting down")
+        if not self.engine.is_healthy:
+            raise APIError(503, "the engine is not running")
+
+    async def off_loop(self, fn: Callable, *args, **kwargs) -> Any:
+        """Tokenizing a long prompt or rendering a chat template takes milliseconds to seconds of CPU: keep it off
+        the event loop so other requests' streams keep flowing meanwhile."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, lambda: fn(*args, **kwargs))
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sampling_params(req: _SamplingFields, defaults: dict[str, Any], *, max_tokens: int | None,
+                    logprobs: int | None) -> SamplingParams:
+    """Map API fields onto SamplingParams. Fields the client left out take the model's generation_config.json
+    values (as vLLM does), then the library defaults."""
+
+    def pick(name: str) -> Any:
+        value = getattr(req, name)
+        return value if value is not None else defaults.get(name)
+
+    chosen = {name: pick(name) for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+    return SamplingParams(
+        n=req.n,
+        **{k: v for k, v in chosen.items() if v is not None},
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        logit_bias=_logit_bias(req.logit_bias),
+        seed=req.seed,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        stop=req.stop,
+        stop_token_ids=req.stop_token_ids,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+    )
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise ValidationError(f"logit_bias keys must be token ids (integers as strings), got {key!r}",
+                                  "logit_bias") from None
+        out[token] = value
+    return out
+
+
+def check_stream_options(req: _SamplingFields) -> None:
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options can only be set when stream is true", "stream_options")
+
+
+def admit(ctx: ServingContext, prepared: list[PreparedRequest]) -> list[RequestStream]:
+    """Queue the requests, or refuse them all with 429 if the waiting queue cannot take them. No await between the
+    check and the adds, so concurrent handlers cannot both squeeze into the last slot."""
+    ctx.check_serving()
+    waiting = ctx.engine.num_waiting_requests()
+    limit = ctx.config.max_queued_requests
+    if waiting + len(prepared) > limit:
+        raise APIError(
+            429, f"the server is overloaded: {waiting} requests are waiting (limit {limit}); retry later",
+            headers={"Retry-After": str(ctx.config.retry_after_s)},
+        )
+    streams: list[RequestStream] = []
+    try:
+        for req in prepared:
+            streams.append(ctx.engine.add_request(req))
+    except BaseException:
+        for stream in streams:
+            ctx.engine.abort(stream.request_id)
+        raise
+    return streams
+
+
+async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
+    """(stream index, delta output) from several requests as they arrive. Leaving early aborts what is unfinished."""
+    if len(streams) == 1:
+        try:
+            async for out in streams[0]:
+                yield 0, out
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            queue.put_nowait((i, exc))
+        finally:
+            queue.put_nowait((i, done))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            await stream.aclose()
+
+
+async def until_disconnected(request: Request, work: Callable[[], Any]) -> Any:
+    """Run a non-streaming handler's work, cancelling it if the client hangs up: the cancellation closes the
+    request streams, which aborts them in the engine and frees their KV blocks at once."""
+    task = asyncio.ensure_future(work())
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            # Let the cancellation run its cleanup (closing the streams aborts them) before answering.
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return Response(status_code=499)  # nobody is listening; the status only shows in the access log
+    return task.result()
+
+
+@dataclass
+class ChoiceState:
+    """A choice's accumulated output (non-streaming) and its counters (streaming)."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def add(self, delta: CompletionOutput) -> None:
+        self.text.append(delta.text)
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs:
+            self.logprobs.extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def now() -> int:
+    return int(time.time())
+
+
+# ---- responses -------------------------------------------------------------------------------------
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE_EVENT = "data: [DONE]\n\n"
+
+
+def _compact(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class ChunkWriter:
+    """Formats the `data: {json}` events of one streamed response, with the usage OpenAI's stream_options ask for:
+    `usage: null` on every chunk and a final usage chunk (include_usage), or usage on every chunk (vLLM's
+    continuous_usage_stats)."""
+
+    def __init__(self, base: dict[str, Any], req: _SamplingFields, prompt_tokens: int):
+        self.base = base
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.usage_each = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+        self.usage_last = bool(req.stream_options and req.stream_options.include_usage)
+
+    def event(self, choices: list[dict[str, Any]]) -> str:
+        chunk = {**self.base, "choices": choices}
+        if self.usage_each:
+            chunk["usage"] = usage_dict(self.prompt_tokens, self.completion_tokens)
+        elif self.usage_last:
+            chunk["usage"] = None
+        return f"data: {_compact(chunk)}\n\n"
+
+    def usage_event(self) -> str | None:
+        if not (self.usage_last or self.usage_each):
+            return None
+        chunk = {**self.base, "choices": [], "usage": usage_dict(self.prompt_tokens, self.completion_tokens)}
+        return f"data: {_compact(chunk)}\n\n"
+
+
+def sse_response(events: AsyncIterator[str], streams: list[RequestStream]) -> StreamingResponse:
+    """Stream events as SSE, each flushed as soon as it is yielded. An error after the 200 went out becomes an error
+    event; `[DONE]` always ends the stream; a client that hangs up cancels the body, which aborts the requests."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            try:
+                async for event in events:
+                    yield event
+            except Exception as exc:  # noqa: BLE001 - the status is sent; the error travels as an event
+                yield sse_error(exc)
+            yield DONE_EVENT
+        finally:
+            await _close(streams)
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def json_response(raw: Request, streams: list[RequestStream], collect: Callable[[], Any]) -> Response:
+    """Run a non-streaming handler's collection, aborting the requests if the client hangs up first."""
+    try:
+        return await until_disconnected(raw, collect)
+    finally:
+        await _close(streams)
+
+
+async def _close(streams: list[RequestStream]) -> None:
+    for stream in streams:
+        await stream.aclose()  # a no-op for a finished request; aborts one still running

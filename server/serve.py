@@ -1,0 +1,156 @@
+"""Running the server: bind, load the model, log what was loaded, serve, and drain on SIGTERM/SIGINT.
+
+The drain: new requests get 503 (the socket stays open so they get an answer rather than a refused connection),
+in-flight requests have --shutdown-timeout seconds to finish, then the engine stops, which ends what is left with
+an error (an error event for streams), and the process exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+
+import uvicorn
+
+from engine.async_engine import AsyncEngine
+from engine.errors import AttnServeError
+from engine.llm_engine import LLMEngine
+from server.app import build_app
+from server.cli import DEFAULT_MODEL_NAME, FAIL_AFTER_STEPS_ENV, engine_args_from
+from server.config import ServerConfig
+
+logger = logging.getLogger("attnserve")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: ours drains first, and exits 0 (uvicorn re-raises the signal)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # uvicorn >= 0.29
+        yield
+
+    def install_signal_handlers(self) -> None:  # older uvicorn
+        pass
+
+
+def _fail(message: str) -> int:
+    print(f"attnserve: error: {message}", file=sys.stderr)
+    return 1
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("uvicorn.access").disabled = args.disable_access_log
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as exc:
+        return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+    try:
+        engine = LLMEngine(engine_args_from(args).create_config())
+    except AttnServeError as exc:
+        return _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - one clear line for an operator; the traceback at debug level
+        logger.debug("model load failed", exc_info=True)
+        return _fail(f"could not load the model: {type(exc).__name__}: {exc}")
+    names = tuple(args.served_model_name or [args.model if args.model is not None else DEFAULT_MODEL_NAME])
+    _log_loaded(engine, args.model is None)
+    fail_after = os.environ.get(FAIL_AFTER_STEPS_ENV)
+    async_engine = AsyncEngine(engine, fail_after_steps=int(fail_after) if fail_after else None)
+    config = ServerConfig(
+        served_model_names=names, api_key=args.api_key, max_queued_requests=args.max_queued_requests,
+        max_body_bytes=args.max_request_body_size, shutdown_timeout_s=args.shutdown_timeout,
+    )
+    app = build_app(async_engine, config)
+    server = _Server(uvicorn.Config(app, log_config=None, lifespan="off", access_log=not args.disable_access_log,
+                                    timeout_graceful_shutdown=5, timeout_keep_alive=5))
+    try:
+        asyncio.run(_serve(server, sock, app.state.ctx, names))
+    finally:
+        async_engine.shutdown(timeout=5.0)
+        sock.close()
+    logger.info("shut down")
+    return 0
+
+
+def _log_loaded(engine: LLMEngine, builtin: bool) -> None:
+    cfg = engine.config
+    params = sum(p.numel() for p in engine.runner.model.parameters())
+    logger.info("loaded %s from %s: %.1fM parameters, dtype %s, device %s", cfg.model.architecture, cfg.model.path,
+                params / 1e6, str(cfg.dtype).removeprefix("torch."), cfg.device)
+    blocks, block_size = engine.pool.num_blocks, cfg.cache.block_size
+    logger.info("KV cache: %d blocks x %d tokens = %d tokens of capacity; max_model_len %d, max_num_seqs %d, "
+                "max_num_batched_tokens %d", blocks, block_size, blocks * block_size, cfg.scheduler.max_model_len,
+                cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens)
+    if builtin:
+        logger.warning("serving the built-in demo model: its weights are random, so its output is noise. "
+                       "Pass --model DIR to serve a real model.")
+
+
+async def _serve(server: _Server, sock: socket.socket, ctx, names: tuple[str, ...]) -> None:
+    loop = asyncio.get_running_loop()
+    draining: asyncio.Task | None = None
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal draining
+        if draining is None:
+            logger.info("received %s: draining", sig.name)
+            draining = loop.create_task(_drain(server, ctx))
+        else:
+            logger.warning("received %s again: exiting now", sig.name)
+            server.should_exit = server.force_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    announce = loop.create_task(_announce(server, sock, names))
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        announce.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _announce(server: _Server, sock: socket.socket, names: tuple[str, ...]) -> None:
+    while not server.started:
+        await asyncio.sleep(0.05)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    logger.info("listening on http://%s:%d (model name: %s)", shown, port, ", ".join(names))
+
+
+async def _drain(server: _Server, ctx) -> None:
+    state, engine = ctx.state, ctx.engine
+    state.draining = True
+    timeout = ctx.config.shutdown_timeout_s
+    if state.in_flight:
+        logger.info("waiting up to %gs for %d in-flight requests", timeout, state.in_flight)
+        try:
+            await asyncio.wait_for(state.idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            logger.warning("shutdown timeout: aborting %d requests", state.in_flight)
+    loop = asyncio.get_running_loop()
+    # Stopping the engine ends every request still running with an error (an error event on a stream).
+    await loop.run_in_executor(None, lambda: engine.shutdown(timeout=5.0, reason="the server is shutting down"))
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(state.idle.wait(), 5.0)
+    server.should_exit = True

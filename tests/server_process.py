@@ -1,0 +1,129 @@
+"""A real `python -m server` in a subprocess on a free loopback port, for live-server tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+_LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ServerProcess:
+    """Starts the server with `--port 0` and reads the URL it logs. Use as a context manager, or call stop()."""
+
+    def __init__(self, model: Path | str | None, *args: str, env: dict[str, str] | None = None,
+                 startup_timeout: float = 180.0):
+        self.log_file = tempfile.NamedTemporaryFile("w+", prefix="attnserve-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", *args]
+        if model is not None:
+            cmd += ["--model", str(model)]
+        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=REPO,
+                                     env={**os.environ, **(env or {})})
+        self.url = self._wait_for_url(startup_timeout)
+
+    def _wait_for_url(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = _LISTENING.search(self.log())
+            if match:
+                return match.group(1)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} before listening:\n{self.log()}")
+            time.sleep(0.1)
+        self.proc.kill()
+        raise RuntimeError(f"server did not start within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return Path(self.log_file.name).read_text(errors="replace")
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60.0), **kwargs)
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+        os.unlink(self.log_file.name)
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class InProcessServer:
+    """The app on a real uvicorn, in a thread of the test process, so a test can also look inside the engine
+    (running requests, KV blocks in use) while it talks HTTP to it."""
+
+    def __init__(self, model: Path | str, *, served_model_name: str = "test-model", server_kwargs: dict | None = None,
+                 **engine_kwargs):
+        import threading
+
+        import uvicorn
+
+        from engine.async_engine import AsyncEngine
+        from server.app import build_app
+        from server.config import ServerConfig
+        from server.serve import bind_socket
+
+        self.engine = AsyncEngine.from_args(str(model), **engine_kwargs)
+        self.app = build_app(self.engine, ServerConfig(served_model_names=(served_model_name,),
+                                                       **(server_kwargs or {})))
+        self.sock = bind_socket("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_config=None, lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("in-process server did not start")
+            time.sleep(0.02)
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60.0), **kwargs)
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Until no request is running or waiting and every KV block is free; raises if that does not happen."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stats = self.engine.stats()
+            if stats.num_running == 0 and stats.num_waiting == 0 and self.engine.engine.pool.num_free == \
+                    self.engine.engine.pool.num_blocks:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"engine not idle after {timeout}s: {self.engine.stats()}")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.engine.shutdown()
+        self.sock.close()
+
+    def __enter__(self) -> InProcessServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
