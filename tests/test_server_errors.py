@@ -1,0 +1,596 @@
+"""Every error the HTTP server promises, with its exact status code and OpenAI-shaped body.
+
+Each error response must be `{"error": {"message", "type", "param", "code"}}` with `code` equal to the HTTP status;
+a 400 about a request field names that field in `param` and in the message (with the allowed range where there is
+one). FastAPI's 422 is never used: validation errors come back as 400 in the same shape.
+
+One in-process server (no API key, default body limit) serves most of the module; a second one has an API key and a
+small body limit; a third serves a copy of the checkpoint without a chat template. The command-line cases run
+`python -m server` / `attnserve` in subprocesses. The last in-process test checks that after all the bad requests the
+server still answers and the engine is idle with every KV block free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server_process import REPO, InProcessServer, ServerProcess
+
+MODEL = "test-model"
+MAX_MODEL_LEN = 128
+API_KEY = "sk-test-key"
+BODY_LIMIT = 4096  # bytes, on the server with the API key
+
+# error `type` per status, as server/errors.py documents (vLLM's names)
+ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestEntityTooLargeError",
+    415: "UnsupportedMediaTypeError",
+}
+
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "Hello"}]
+# Valid bodies that generate very little; the cases below add or replace one field.
+BASE = {
+    COMPLETIONS: {"model": MODEL, "prompt": "Hello", "max_tokens": 2},
+    CHAT: {"model": MODEL, "messages": MESSAGES, "max_tokens": 2},
+}
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama(make_ckpt) -> Path:
+    return make_ckpt("llama")
+
+
+@pytest.fixture(scope="module")
+def server(llama):
+    with InProcessServer(llama, served_model_name=MODEL, max_model_len=MAX_MODEL_LEN, num_kv_blocks=64) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with server.client() as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def last_token_id(server) -> int:
+    return server.engine.engine.vocab_size - 1
+
+
+@pytest.fixture(scope="module")
+def auth_server(llama):
+    with InProcessServer(llama, served_model_name=MODEL, max_model_len=MAX_MODEL_LEN, num_kv_blocks=32,
+                         server_kwargs={"api_key": API_KEY, "max_body_bytes": BODY_LIMIT}) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def auth_http(auth_server):
+    with auth_server.client() as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def no_template_server(llama, tmp_path_factory):
+    model = tmp_path_factory.mktemp("no-chat-template") / "model"
+    shutil.copytree(llama, model)
+    config_path = model / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    assert "chat_template" in config  # otherwise this fixture tests nothing
+    del config["chat_template"]
+    config_path.write_text(json.dumps(config))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    assert not (model / "chat_templates").exists()
+    with InProcessServer(model, served_model_name=MODEL, max_model_len=MAX_MODEL_LEN, num_kv_blocks=32) as srv:
+        yield srv
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = None, *, contains=(),
+                 check_param: bool = True) -> str:
+    """Check the status and the exact error shape; return the message. `contains`: substrings of the message."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert error["code"] == status, error
+    assert error["type"] == ERROR_TYPES[status], error
+    assert isinstance(error["message"], str) and error["message"].strip(), error
+    if check_param:
+        assert error["param"] == param, error
+    for text in contains:
+        assert text in error["message"], f"{text!r} not in {error['message']!r}"
+    return error["message"]
+
+
+def names_number(message: str, number: str) -> bool:
+    """`number` appears in `message` as a whole number (so "2" does not match inside "256" or "-0.2")."""
+    return re.search(rf"(?<![\d.\-]){re.escape(number)}(?![\d.])", message) is not None
+
+
+def post_raw(client: httpx.Client, path: str, content: bytes, content_type: str | None = "application/json"):
+    headers = {} if content_type is None else {"content-type": content_type}
+    return client.post(path, content=content, headers=headers)
+
+
+# ---- 400: out-of-range sampling parameters -------------------------------------------------------
+
+# (route, field, bad value, the violated bound the message must give)
+RANGE_CASES = [
+    *[(route, field, value, bound) for route in (COMPLETIONS, CHAT) for field, value, bound in [
+        ("temperature", -0.1, "0"),
+        ("temperature", 2.5, "2"),
+        ("top_p", 0, "0"),
+        ("top_p", 1.5, "1"),
+        ("top_k", -2, "-1"),
+        ("n", 0, "1"),
+        ("n", 17, "16"),
+        ("presence_penalty", -2.5, "-2"),
+        ("presence_penalty", 2.5, "2"),
+        ("frequency_penalty", -3, "-2"),
+        ("frequency_penalty", 3, "2"),
+        ("max_tokens", 0, "1"),
+        ("max_tokens", -5, "1"),
+        ("min_p", 1.5, "1"),
+        ("repetition_penalty", 0, "0"),
+        ("logit_bias", {"5": 101}, "100"),
+        ("logit_bias", {"5": -101}, "-100"),
+    ]],
+    (COMPLETIONS, "logprobs", 21, "20"),
+    (CHAT, "max_completion_tokens", 0, "1"),
+]
+
+
+@pytest.mark.parametrize(("route", "field", "value", "bound"), RANGE_CASES,
+                         ids=[f"{r.rsplit('/', 1)[-1]}-{f}={json.dumps(v)}" for r, f, v, _ in RANGE_CASES])
+def test_out_of_range_parameter_is_400_naming_field_and_bound(http, route, field, value, bound):
+    message = assert_error(http.post(route, json={**BASE[route], field: value}), 400, field, contains=[field])
+    assert names_number(message, bound), f"bound {bound} not in {message!r}"
+
+
+def test_chat_top_logprobs_over_20_is_400(http):
+    body = {**BASE[CHAT], "logprobs": True, "top_logprobs": 21}
+    message = assert_error(http.post(CHAT, json=body), 400, "top_logprobs", contains=["top_logprobs"])
+    assert names_number(message, "20"), message
+
+
+@pytest.mark.parametrize("route", [COMPLETIONS, CHAT])
+def test_min_tokens_over_max_tokens_is_400(http, route):
+    body = {**BASE[route], "max_tokens": 3, "min_tokens": 5}
+    message = assert_error(http.post(route, json=body), 400, "min_tokens", contains=["min_tokens", "max_tokens"])
+    assert names_number(message, "5") and names_number(message, "3"), message
+
+
+# ---- 400: other invalid requests -----------------------------------------------------------------
+
+# (id, route, fields replacing BASE's, param, substrings of the message)
+INVALID_CASES = [
+    ("prompt-empty-string", COMPLETIONS, {"prompt": ""}, "prompt", ["prompt", "empty"]),
+    ("prompt-empty-list", COMPLETIONS, {"prompt": []}, "prompt", ["prompt", "empty"]),
+    ("prompt-list-with-empty-string", COMPLETIONS, {"prompt": ["Hello", ""]}, "prompt", ["prompt", "empty"]),
+    ("prompt-only-empty-string", COMPLETIONS, {"prompt": [""]}, "prompt", ["prompt", "empty"]),
+    ("prompt-empty-token-list", COMPLETIONS, {"prompt": [[1, 2], []]}, "prompt", ["prompt", "empty"]),
+    ("prompt-mixed-strings-and-ids", COMPLETIONS, {"prompt": ["Hello", [1, 2]]}, "prompt", ["prompt"]),
+    ("messages-empty", CHAT, {"messages": []}, "messages", ["messages", "non-empty"]),
+    ("stop-17-strings", COMPLETIONS, {"stop": [f"s{i}" for i in range(17)]}, "stop", ["stop", "16"]),
+    ("stop-string-257-chars", COMPLETIONS, {"stop": "x" * 257}, "stop", ["stop", "256"]),
+    ("stop-list-string-257-chars", CHAT, {"stop": ["ok", "x" * 257]}, "stop", ["stop", "256"]),
+    ("stop-empty-string", COMPLETIONS, {"stop": ""}, "stop", ["stop"]),
+    ("stop-list-with-empty-string", CHAT, {"stop": ["ok", ""]}, "stop", ["stop"]),
+    ("logit-bias-1025-entries", COMPLETIONS, {"logit_bias": {str(i): 1.0 for i in range(1025)}}, "logit_bias",
+     ["logit_bias", "1024"]),
+    ("logit-bias-non-integer-key", COMPLETIONS, {"logit_bias": {"hello": 1.0}}, "logit_bias",
+     ["logit_bias", "hello"]),
+    ("logit-bias-non-integer-key-chat", CHAT, {"logit_bias": {"1.5": 1.0}}, "logit_bias", ["logit_bias", "1.5"]),
+    ("stream-options-without-stream", COMPLETIONS, {"stream_options": {"include_usage": True}}, "stream_options",
+     ["stream_options", "stream"]),
+    ("stream-options-stream-false-chat", CHAT, {"stream": False, "stream_options": {"include_usage": True}},
+     "stream_options", ["stream_options", "stream"]),
+    ("top-logprobs-without-logprobs", CHAT, {"top_logprobs": 3}, "top_logprobs", ["top_logprobs", "logprobs"]),
+    ("top-logprobs-with-logprobs-false", CHAT, {"logprobs": False, "top_logprobs": 3}, "top_logprobs",
+     ["top_logprobs", "logprobs"]),
+    ("suffix", COMPLETIONS, {"suffix": " the end"}, "suffix", ["suffix"]),
+    ("response-format-json-object", CHAT, {"response_format": {"type": "json_object"}}, "response_format",
+     ["response_format", "json_object"]),
+    ("message-role-not-allowed", CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, "messages",
+     ["messages", "role", "system", "developer", "user", "assistant", "tool"]),
+    ("user-message-without-content", CHAT, {"messages": [{"role": "user"}]}, "messages",
+     ["messages", "content"]),
+    ("user-message-null-content", CHAT, {"messages": [{"role": "system", "content": "s"},
+                                                      {"role": "user", "content": None}]}, "messages",
+     ["messages[1]", "content"]),
+    ("content-part-image-url", CHAT, {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}, "messages",
+     ["messages", "content", "text"]),
+    # more refusals server/completions.py and server/chat.py promise
+    ("best-of-not-n", COMPLETIONS, {"best_of": 3}, "best_of", ["best_of"]),
+    ("echo-with-logprobs", COMPLETIONS, {"echo": True, "logprobs": 1}, "echo", ["echo", "logprobs"]),
+    ("continue-final-message-with-generation-prompt", CHAT, {"continue_final_message": True}, "continue_final_message",
+     ["continue_final_message", "add_generation_prompt"]),
+    ("chat-template-kwargs-reserved", CHAT, {"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs",
+     ["chat_template_kwargs", "messages"]),
+]
+
+
+@pytest.mark.parametrize(("route", "fields", "param", "contains"), [c[1:] for c in INVALID_CASES],
+                         ids=[c[0] for c in INVALID_CASES])
+def test_invalid_request_is_400_naming_field(http, route, fields, param, contains):
+    assert_error(http.post(route, json={**BASE[route], **fields}), 400, param, contains=contains)
+
+
+@pytest.mark.parametrize("prompt", [[[999999]], [-1], [1, 2, 4096], [[1, 2], [3, 2**40]]],
+                         ids=["ids-999999", "ids-minus-1", "ids-vocab-size", "second-prompt-2**40"])
+def test_token_id_outside_vocabulary_is_400_with_vocab_range(http, last_token_id, prompt):
+    body = {**BASE[COMPLETIONS], "prompt": prompt}
+    bad = next(t for ids in (prompt if isinstance(prompt[0], list) else [prompt]) for t in ids
+               if not 0 <= t <= last_token_id)
+    message = assert_error(http.post(COMPLETIONS, json=body), 400, "prompt", contains=["prompt"])
+    assert names_number(message, str(bad)), message
+    assert f"0..{last_token_id}" in message, message  # the vocabulary range
+
+
+def test_prompt_plus_max_tokens_over_max_model_len_is_400(http):
+    body = {**BASE[COMPLETIONS], "prompt": [5] * 100, "max_tokens": 50}
+    message = assert_error(http.post(COMPLETIONS, json=body), 400, "max_tokens", contains=["max_tokens"])
+    for number in (str(MAX_MODEL_LEN), "150", "100", "50"):  # the limit, the requested total and its two parts
+        assert names_number(message, number), f"{number} not in {message!r}"
+
+
+def test_prompt_over_max_model_len_is_400(http):
+    body = {**BASE[COMPLETIONS], "prompt": [5] * 200}
+    message = assert_error(http.post(COMPLETIONS, json=body), 400, "prompt", contains=["prompt"])
+    assert names_number(message, str(MAX_MODEL_LEN)) and names_number(message, "200"), message
+
+
+def test_chat_max_tokens_over_max_model_len_is_400(http):
+    body = {**BASE[CHAT], "max_tokens": 1000}
+    message = assert_error(http.post(CHAT, json=body), 400, "max_tokens", contains=["max_tokens"])
+    assert names_number(message, str(MAX_MODEL_LEN)) and names_number(message, "1000"), message
+
+
+# ---- 400, never 422: mistyped fields and bad bodies ----------------------------------------------
+
+# (route, field, value of the wrong JSON type)
+MISTYPED_CASES = [
+    (COMPLETIONS, "max_tokens", "5"),
+    (COMPLETIONS, "temperature", "hot"),
+    (COMPLETIONS, "stream", "yes"),
+    (COMPLETIONS, "n", 1.5),
+    (COMPLETIONS, "prompt", 5),
+    (COMPLETIONS, "prompt", {"text": "hi"}),
+    (COMPLETIONS, "top_k", True),
+    (COMPLETIONS, "echo", 1),
+    (COMPLETIONS, "stop", 7),
+    (COMPLETIONS, "logit_bias", ["5", 1]),
+    (CHAT, "messages", "hi"),
+    (CHAT, "messages", [{"role": "user", "content": 5}]),
+    (CHAT, "temperature", "hot"),
+    (CHAT, "logprobs", "true"),
+    (CHAT, "max_completion_tokens", "5"),
+    (CHAT, "stream_options", True),
+]
+
+
+@pytest.mark.parametrize(("route", "field", "value"), MISTYPED_CASES,
+                         ids=[f"{r.rsplit('/', 1)[-1]}-{f}={json.dumps(v)}" for r, f, v in MISTYPED_CASES])
+def test_mistyped_field_is_400_not_422(http, route, field, value):
+    assert_error(http.post(route, json={**BASE[route], field: value}), 400, field, contains=[field])
+
+
+@pytest.mark.parametrize(("route", "raw", "field"), [
+    (COMPLETIONS, b'{"prompt":"x","temperature":NaN}', "temperature"),
+    (COMPLETIONS, b'{"prompt":"x","top_p":Infinity}', "top_p"),
+    (CHAT, b'{"messages":[{"role":"user","content":"x"}],"presence_penalty":-Infinity}', "presence_penalty"),
+    (CHAT, b'{"messages":[{"role":"user","content":"x"}],"temperature":NaN}', "temperature"),
+], ids=["completions-temperature-NaN", "completions-top_p-Infinity", "chat-presence_penalty--Infinity",
+        "chat-temperature-NaN"])
+def test_non_finite_number_is_400(http, route, raw, field):
+    assert_error(post_raw(http, route, raw), 400, field, contains=[field])
+
+
+@pytest.mark.parametrize("route", [COMPLETIONS, CHAT, "/tokenize", "/detokenize"])
+@pytest.mark.parametrize(("raw", "content_type"), [
+    (b'{"prompt": "x",', "application/json"),
+    (b"not json at all", "application/json"),
+    (b"", "application/json"),
+    (b"", None),
+    (b'[{"prompt": "x"}]', "application/json"),
+    (b'"a string"', "application/json"),
+    (b"null", "application/json"),
+], ids=["truncated-json", "not-json", "empty", "empty-no-content-type", "json-array", "json-string", "json-null"])
+def test_bad_body_is_400(http, route, raw, content_type):
+    message = assert_error(post_raw(http, route, raw, content_type), 400, None)
+    assert "JSON" in message, message
+
+
+@pytest.mark.parametrize("route", [COMPLETIONS, CHAT])
+def test_unknown_fields_are_ignored(http, route):
+    response = http.post(route, json={**BASE[route], "foo": 1, "bar": {"nested": [1, 2]}})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 1
+
+
+# ---- 404, 405, 415, 413 --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    (COMPLETIONS, {**BASE[COMPLETIONS], "model": "gpt-4"}),
+    (CHAT, {**BASE[CHAT], "model": "gpt-4"}),
+    ("/tokenize", {"model": "gpt-4", "prompt": "Hello"}),
+    ("/detokenize", {"model": "gpt-4", "tokens": [1, 2]}),
+], ids=["completions", "chat", "tokenize", "detokenize"])
+def test_unknown_model_is_404(http, path, body):
+    assert_error(http.post(path, json=body), 404, "model", contains=["gpt-4", MODEL])
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/nope"), ("POST", "/v1/nope"), ("GET", "/v2/models"),
+                                              ("POST", "/v1/completions/extra")])
+def test_unknown_route_is_404(http, method, path):
+    kwargs = {"json": {"prompt": "x"}} if method == "POST" else {}
+    assert_error(http.request(method, path, **kwargs), 404, None, contains=[path])
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", COMPLETIONS), ("GET", CHAT), ("POST", "/v1/models"),
+                                              ("DELETE", CHAT), ("PUT", "/tokenize"), ("GET", "/detokenize")])
+def test_wrong_method_is_405(http, method, path):
+    assert_error(http.request(method, path), 405, None, contains=[method, path])
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                                          "text/plain; charset=utf-8"])
+@pytest.mark.parametrize("route", [COMPLETIONS, CHAT, "/tokenize"])
+def test_non_json_content_type_is_415(http, route, content_type):
+    body = {"prompt": "Hello"} if route == "/tokenize" else BASE[route]
+    assert_error(post_raw(http, route, json.dumps(body).encode(), content_type), 415, None)
+
+
+def test_json_content_type_with_charset_is_accepted(http):
+    response = post_raw(http, COMPLETIONS, json.dumps(BASE[COMPLETIONS]).encode(), "application/json; charset=utf-8")
+    assert response.status_code == 200, response.text
+
+
+def _padded_body(size: int) -> bytes:
+    """A valid completions request of exactly `size` bytes (JSON whitespace as padding)."""
+    body = json.dumps(BASE[COMPLETIONS]).encode()
+    assert len(body) <= size
+    return body[:-1] + b" " * (size - len(body)) + b"}"
+
+
+def test_default_body_limit_is_4_mib(http):
+    response = post_raw(http, COMPLETIONS, _padded_body(5 * 1024 * 1024))
+    assert_error(response, 413, None)
+
+
+def test_body_over_limit_with_content_length_is_413(auth_http):
+    headers = {"authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
+    response = auth_http.post(COMPLETIONS, content=_padded_body(BODY_LIMIT + 1), headers=headers)
+    assert "content-length" in {k.lower() for k in response.request.headers}
+    assert_error(response, 413, None)
+
+
+def test_chunked_body_over_limit_is_413(auth_http):
+    body = _padded_body(BODY_LIMIT * 3)
+
+    def chunks():
+        for start in range(0, len(body), 1000):
+            yield body[start:start + 1000]
+
+    headers = {"authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
+    response = auth_http.post(COMPLETIONS, content=chunks(), headers=headers)
+    assert response.request.headers.get("transfer-encoding") == "chunked"
+    assert "content-length" not in response.request.headers
+    assert_error(response, 413, None)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_body_at_limit_is_accepted(auth_http, chunked):
+    body = _padded_body(BODY_LIMIT)
+    content = iter([body[:1000], body[1000:]]) if chunked else body
+    headers = {"authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
+    response = auth_http.post(COMPLETIONS, content=content, headers=headers)
+    assert response.status_code == 200, response.text
+
+
+# ---- 401 -----------------------------------------------------------------------------------------
+
+# (method, path, JSON body) of every authenticated route
+PROTECTED = [
+    ("POST", COMPLETIONS, BASE[COMPLETIONS]),
+    ("POST", CHAT, BASE[CHAT]),
+    ("GET", "/v1/models", None),
+    ("POST", "/tokenize", {"prompt": "Hello"}),
+    ("POST", "/detokenize", {"tokens": [1, 2, 3]}),
+    ("GET", "/openapi.json", None),
+]
+BAD_AUTH = {
+    "missing": {},
+    "wrong-key": {"authorization": "Bearer not-the-key"},
+    "no-bearer-prefix": {"authorization": API_KEY},
+    "basic-scheme": {"authorization": f"Basic {API_KEY}"},
+    "bearer-without-key": {"authorization": "Bearer "},
+    "key-prefix-only": {"authorization": f"Bearer {API_KEY[:-1]}"},
+}
+
+
+@pytest.mark.parametrize("headers", list(BAD_AUTH.values()), ids=list(BAD_AUTH))
+@pytest.mark.parametrize(("method", "path", "body"), PROTECTED, ids=[p for _, p, _ in PROTECTED])
+def test_missing_or_wrong_api_key_is_401(auth_http, method, path, body, headers):
+    assert_error(auth_http.request(method, path, json=body, headers=headers), 401, None)
+
+
+@pytest.mark.parametrize(("method", "path", "body"), PROTECTED, ids=[p for _, p, _ in PROTECTED])
+def test_correct_api_key_is_200(auth_http, method, path, body):
+    response = auth_http.request(method, path, json=body, headers={"authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("path", ["/health", "/version"])
+def test_probes_need_no_api_key(auth_http, path):
+    assert auth_http.get(path).status_code == 200
+    assert auth_http.get(path, headers={"authorization": "Bearer wrong"}).status_code == 200
+
+
+def test_auth_is_checked_before_routing(auth_http):
+    """Without the key, an unknown route is a 401 too: nothing about the API leaks to an unauthenticated client."""
+    assert_error(auth_http.get("/v1/nope"), 401, None)
+
+
+# ---- the chat template ---------------------------------------------------------------------------
+
+
+def test_chat_without_chat_template_is_400(no_template_server):
+    with no_template_server.client() as client:
+        message = assert_error(client.post(CHAT, json=BASE[CHAT]), 400, "messages")
+        assert "chat template" in message, message
+        response = client.post(COMPLETIONS, json=BASE[COMPLETIONS])
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 2
+    no_template_server.wait_idle()
+
+
+# ---- /v1/models, /version, /tokenize, /detokenize ------------------------------------------------
+
+
+def test_models_lists_served_name_with_max_model_len(http, llama):
+    body = http.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert [(m["id"], m["max_model_len"]) for m in body["data"]] == [(MODEL, MAX_MODEL_LEN)]
+
+
+def test_version(http):
+    response = http.get("/version")
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"version"}
+    assert isinstance(body["version"], str) and body["version"]
+
+
+def test_tokenize_detokenize_round_trip(http):
+    text = "The quick brown fox jumps over the lazy dog."
+    tokenized = http.post("/tokenize", json={"model": MODEL, "prompt": text, "add_special_tokens": False})
+    assert tokenized.status_code == 200, tokenized.text
+    body = tokenized.json()
+    assert body["count"] == len(body["tokens"]) > 1
+    assert body["max_model_len"] == MAX_MODEL_LEN
+    detokenized = http.post("/detokenize", json={"model": MODEL, "tokens": body["tokens"]})
+    assert detokenized.status_code == 200, detokenized.text
+    assert detokenized.json() == {"prompt": text}
+
+
+@pytest.mark.parametrize("tokens", [[1, 999999], [-1], [4096]])
+def test_detokenize_out_of_vocab_is_400(http, last_token_id, tokens):
+    message = assert_error(http.post("/detokenize", json={"tokens": tokens}), 400, "tokens", contains=["tokens"])
+    bad = next(t for t in tokens if not 0 <= t <= last_token_id)
+    assert names_number(message, str(bad)), message
+    assert f"0..{last_token_id}" in message, message
+
+
+@pytest.mark.parametrize("body", [{"model": MODEL}, {"prompt": "x", "messages": MESSAGES}],
+                         ids=["neither-prompt-nor-messages", "both-prompt-and-messages"])
+def test_tokenize_needs_exactly_one_of_prompt_or_messages(http, body):
+    assert_error(http.post("/tokenize", json=body), 400, "prompt", contains=["prompt", "messages"])
+
+
+# ---- after everything: still serving, nothing leaked ---------------------------------------------
+
+
+def test_server_still_serves_and_engine_is_idle_after_bad_requests(server, http):
+    """Runs after the bad requests above (module order); it also sends a few of its own, including refusals that
+    happen after the first prompt of a batch was already prepared."""
+    for body in ({**BASE[COMPLETIONS], "prompt": ["Hello", "World", [999999]]},
+                 {**BASE[COMPLETIONS], "prompt": [[5] * 10, [5] * 200]},
+                 {**BASE[COMPLETIONS], "n": 4, "min_tokens": 9}):
+        assert http.post(COMPLETIONS, json=body).status_code == 400
+    completion = http.post(COMPLETIONS, json={**BASE[COMPLETIONS], "max_tokens": 4, "n": 2})
+    assert completion.status_code == 200, completion.text
+    assert [c["index"] for c in completion.json()["choices"]] == [0, 1]
+    chat = http.post(CHAT, json={**BASE[CHAT], "max_tokens": 4})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["role"] == "assistant"
+    server.wait_idle()
+    pool = server.engine.engine.pool
+    assert pool.num_free == pool.num_blocks
+    assert server.engine.is_healthy
+
+
+# ---- the API key from the environment ------------------------------------------------------------
+
+
+def test_api_key_from_environment(llama):
+    with ServerProcess(llama, "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
+                       "--num-kv-blocks", "32", env={"ATTNSERVE_API_KEY": "env-key"}) as proc:
+        with proc.client() as client:
+            assert_error(client.get("/v1/models"), 401, None)
+            assert_error(client.post(COMPLETIONS, json=BASE[COMPLETIONS]), 401, None)
+            assert_error(client.get("/v1/models", headers={"authorization": "Bearer other"}), 401, None)
+            assert client.get("/health").status_code == 200
+            ok = client.get("/v1/models", headers={"authorization": "Bearer env-key"})
+            assert ok.status_code == 200, ok.text
+            done = client.post(COMPLETIONS, json=BASE[COMPLETIONS], headers={"authorization": "Bearer env-key"})
+            assert done.status_code == 200, done.text
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+SERVE_FLAGS = ["--model", "--host", "--port", "--served-model-name", "--api-key", "--max-model-len", "--max-num-seqs",
+               "--max-num-batched-tokens", "--block-size", "--num-kv-blocks", "--kv-cache-memory",
+               "--gpu-memory-utilization", "--device", "--dtype", "--seed", "--max-queued-requests",
+               "--shutdown-timeout", "--log-level"]
+
+
+def run_cli(*args: str, program: list[str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "ATTNSERVE_API_KEY"}
+    cmd = (program or [sys.executable, "-m", "server"]) + list(args)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--bogus-flag"], "--bogus-flag"),
+    (["--max-num-seqs", "0"], "--max-num-seqs"),
+    (["--model", "/nonexistent/dir", "--port", "0"], "/nonexistent/dir"),
+], ids=["unknown-flag", "max-num-seqs-0", "missing-model-dir"])
+def test_cli_error_is_one_line_without_traceback(args, named):
+    result = run_cli(*args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert named in lines[0], lines[0]
+
+
+def test_cli_help_documents_every_flag():
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    missing = [flag for flag in SERVE_FLAGS if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", result.stdout)]
+    assert not missing, f"--help does not document {missing}"
+
+
+def test_attnserve_serve_help_via_console_script():
+    script = Path(sys.executable).parent / "attnserve"
+    assert script.is_file(), f"console script not installed at {script}"
+    result = run_cli("serve", "--help", program=[str(script)])
+    assert result.returncode == 0, result.stderr
+    missing = [flag for flag in SERVE_FLAGS if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", result.stdout)]
+    assert not missing, f"attnserve serve --help does not document {missing}"
