@@ -429,7 +429,7 @@ BAD_AUTH = {
     "wrong-key": {"authorization": "Bearer not-the-key"},
     "no-bearer-prefix": {"authorization": API_KEY},
     "basic-scheme": {"authorization": f"Basic {API_KEY}"},
-    "bearer-without-key": {"authorization": "Bearer "},
+    "bearer-without-key": {"authorization": "Bearer"},
     "key-prefix-only": {"authorization": f"Bearer {API_KEY[:-1]}"},
 }
 
