@@ -215,8 +215,8 @@ class Tokenizer:
         if "default" in self._chat_templates:
             return self._chat_templates["default"]
         raise ValidationError(
-            "this model has no chat template, so chat messages cannot be turned into a prompt; "
-            "pass a chat_template or use the completions API with a plain prompt",
+            "this model has no chat template (no chat_template in tokenizer_config.json and no chat_template.jinja), "
+            "so chat messages cannot be turned into a prompt; send a plain prompt to the completions API instead",
             "messages",
         )
 

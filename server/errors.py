@@ -82,6 +82,38 @@ _UNION_FIELDS = {
 }
 
 
+def _allowed_ranges() -> dict[str, str]:
+    """Field name -> its allowed range as text ("[0, 2]", "(0, 1]", ">= 1"), read from the request models' declared
+    bounds, so that a range error states the whole range and not only the bound that was crossed."""
+    from server import protocol
+
+    ranges: dict[str, str] = {}
+    for model in (protocol.CompletionRequest, protocol.ChatCompletionRequest):
+        for name, info in model.model_fields.items():
+            low = high = None
+            for meta in info.metadata:
+                for attr, bracket in (("ge", "["), ("gt", "(")):
+                    if getattr(meta, attr, None) is not None:
+                        low = (bracket, getattr(meta, attr))
+                for attr, bracket in (("le", "]"), ("lt", ")")):
+                    if getattr(meta, attr, None) is not None:
+                        high = (bracket, getattr(meta, attr))
+            if low and high:
+                ranges[name] = f"in {low[0]}{_num(low[1])}, {_num(high[1])}{high[0]}"
+            elif low:
+                ranges[name] = f"{'>=' if low[0] == '[' else '>'} {_num(low[1])}"
+            elif high:
+                ranges[name] = f"{'<=' if high[0] == ']' else '<'} {_num(high[1])}"
+    return ranges
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(value)
+
+
+_RANGE_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal"})
+
+
 def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
     """One readable line naming the field and what is allowed, from pydantic's error list."""
     errors = exc.errors()
@@ -104,9 +136,14 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     message = first.get("msg", "invalid value")
     if first.get("type") == "missing":
         return f"'{where}' is required", param
+    if first.get("type") in _RANGE_ERRORS and len(loc) == 1 and loc[0] in _RANGES:
+        return f"'{where}' must be {_RANGES[loc[0]]}, got {_short(first.get('input'))}", param
     value = first.get("input")
     shown = "" if isinstance(value, (dict, list)) else f", got {_short(value)}"
     return f"'{where}': {message}{shown}", param
+
+
+_RANGES = _allowed_ranges()
 
 
 def _short(value: Any) -> str:
@@ -131,6 +168,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = describe_validation_error(exc)
         return error_response(400, message, param)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a client error; still answered in the API's error shape (Starlette logs the traceback).
+        return error_response(500, f"internal error: {type(exc).__name__}")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -112,6 +114,10 @@ class BodyGuard:
             return
         if body is None:  # the client went away mid-body; there is no one to answer
             return
+        if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(body):
+            await error_response(400, "the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff "
+                                      "without its pair), which is not a Unicode character")(scope, receive, send)
+            return
 
         replayed = False
 
@@ -142,6 +148,21 @@ class BodyGuard:
         response = error_response(413, f"the request body is larger than the limit of {self.max_bytes} bytes",
                                   headers={"Connection": "close"})
         await response(scope, receive, send)
+
+
+# JSON may spell a character outside the BMP as an escaped surrogate pair; alone, a surrogate decodes to a Python
+# string that the tokenizer and the UTF-8 response encoder refuse. Only bodies with such an escape are checked.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(body: bytes) -> bool:
+    try:
+        json.dumps(json.loads(body), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except (ValueError, RecursionError):
+        return False  # not valid JSON: the app reports that
+    return False
 
 
 class _TooLarge(Exception):

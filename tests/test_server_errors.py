@@ -130,6 +130,10 @@ def names_number(message: str, number: str) -> bool:
     return re.search(rf"(?<![\d.\-]){re.escape(number)}(?![\d.])", message) is not None
 
 
+def route_id(route: str) -> str:
+    return {COMPLETIONS: "completions", CHAT: "chat"}[route]
+
+
 def post_raw(client: httpx.Client, path: str, content: bytes, content_type: str | None = "application/json"):
     headers = {} if content_type is None else {"content-type": content_type}
     return client.post(path, content=content, headers=headers)
@@ -164,10 +168,19 @@ RANGE_CASES = [
 
 
 @pytest.mark.parametrize(("route", "field", "value", "bound"), RANGE_CASES,
-                         ids=[f"{r.rsplit('/', 1)[-1]}-{f}={json.dumps(v)}" for r, f, v, _ in RANGE_CASES])
+                         ids=[f"{route_id(r)}-{f}={json.dumps(v)}" for r, f, v, _ in RANGE_CASES])
 def test_out_of_range_parameter_is_400_naming_field_and_bound(http, route, field, value, bound):
     message = assert_error(http.post(route, json={**BASE[route], field: value}), 400, field, contains=[field])
     assert names_number(message, bound), f"bound {bound} not in {message!r}"
+
+
+@pytest.mark.parametrize(("field", "value", "allowed"), [
+    ("temperature", 2.5, "in [0, 2]"), ("top_p", 0, "in (0, 1]"), ("n", 17, "in [1, 16]"),
+    ("presence_penalty", -3, "in [-2, 2]"), ("max_tokens", 0, ">= 1"), ("top_k", -2, ">= -1"),
+])
+def test_range_error_states_the_whole_allowed_range(http, field, value, allowed):
+    message = assert_error(http.post(COMPLETIONS, json={**BASE[COMPLETIONS], field: value}), 400, field)
+    assert message == f"'{field}' must be {allowed}, got {value}"
 
 
 def test_chat_top_logprobs_over_20_is_400(http):
@@ -294,7 +307,7 @@ MISTYPED_CASES = [
 
 
 @pytest.mark.parametrize(("route", "field", "value"), MISTYPED_CASES,
-                         ids=[f"{r.rsplit('/', 1)[-1]}-{f}={json.dumps(v)}" for r, f, v in MISTYPED_CASES])
+                         ids=[f"{route_id(r)}-{f}={json.dumps(v)}" for r, f, v in MISTYPED_CASES])
 def test_mistyped_field_is_400_not_422(http, route, field, value):
     assert_error(http.post(route, json={**BASE[route], field: value}), 400, field, contains=[field])
 
