@@ -25,7 +25,7 @@ from engine.sampling_params import SamplingParams
 from server.config import ServerConfig
 from server.errors import APIError, sse_error
 from server.middleware import ServerState
-from server.protocol import _SamplingFields
+from server.protocol import SamplingFields
 
 
 @dataclass
@@ -66,7 +66,7 @@ def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def sampling_params(req: _SamplingFields, defaults: dict[str, Any], *, max_tokens: int | None,
+def sampling_params(req: SamplingFields, defaults: dict[str, Any], *, max_tokens: int | None,
                     logprobs: int | None) -> SamplingParams:
     """Map API fields onto SamplingParams. Fields the client left out take the model's generation_config.json
     values (as vLLM does), then the library defaults."""
@@ -108,7 +108,7 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
     return out
 
 
-def check_stream_options(req: _SamplingFields) -> None:
+def check_stream_options(req: SamplingFields) -> None:
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options can only be set when stream is true", "stream_options")
 
@@ -242,7 +242,7 @@ class ChunkWriter:
     `usage: null` on every chunk and a final usage chunk (include_usage), or usage on every chunk (vLLM's
     continuous_usage_stats)."""
 
-    def __init__(self, base: dict[str, Any], req: _SamplingFields, prompt_tokens: int):
+    def __init__(self, base: dict[str, Any], req: SamplingFields, prompt_tokens: int):
         self.base = base
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0

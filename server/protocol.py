@@ -42,7 +42,7 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False
 
 
-class _SamplingFields(_Strict):
+class SamplingFields(_Strict):
     """Fields shared by completions and chat: OpenAI's, then vLLM's extras. None means "the model's default"."""
 
     model: str | None = None
@@ -68,7 +68,7 @@ class _SamplingFields(_Strict):
     include_stop_str_in_output: bool = False
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     prompt: Union[
         str,
         Annotated[list[str], Field(max_length=MAX_PROMPTS)],
@@ -101,7 +101,7 @@ class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI in favour of max_completion_tokens.")
     max_completion_tokens: int | None = Field(None, ge=1)
