@@ -23,6 +23,7 @@ from engine.errors import EngineDeadError, ValidationError
 from engine.llm_engine import EngineStats, LLMEngine, PreparedRequest
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.stats import IterationStats
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class AsyncEngine:
         self._fail_after_steps = fail_after_steps
         self._shutdown_reason = "engine was shut down"
         self._stopping = threading.Event()
+        self._stats_listeners: list[Callable[[IterationStats], None]] = []
         self._ids = itertools.count()
         self._stats = engine.stats()
         self._thread = threading.Thread(target=self._run, name="attnserve-engine", daemon=True)
@@ -107,6 +109,12 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         """A snapshot taken by the loop thread after its latest step."""
         return self._stats
+
+    def add_stats_listener(self, listener: Callable[[IterationStats], None]) -> None:
+        """Call `listener` on the engine thread with the measurements of each loop turn (see engine.stats). It must be
+        quick and thread-safe (prometheus_client metrics are); an exception in it is logged, not raised."""
+        self._stats_listeners.append(listener)
+        self.engine.collect_stats = True
 
     def num_waiting_requests(self) -> int:
         """Requests not yet running: the engine's waiting queue plus adds still in the command queue. Never below
@@ -171,6 +179,7 @@ class AsyncEngine:
                 # NOTE: refresh the snapshot before delivering, so a caller that saw its request finish
                 # never reads stats that still count it.
                 self._stats = self.engine.stats()
+                self._report_stats()
                 for out in outputs:
                     self._deliver(out)
         except BaseException as exc:  # noqa: BLE001 - any loop failure must reach every waiting caller
@@ -178,6 +187,18 @@ class AsyncEngine:
             self._fail_all(exc)
             return
         self._fail_all(EngineDeadError(self._shutdown_reason))
+
+    def _report_stats(self) -> None:
+        if not self._stats_listeners:
+            return
+        stats = self.engine.pop_iteration_stats()
+        if stats.is_empty:
+            return
+        for listener in self._stats_listeners:
+            try:
+                listener(stats)
+            except Exception:  # noqa: BLE001 - metrics must never take the engine down
+                logger.exception("stats listener failed")
 
     def _drain_commands(self, block: bool) -> list[RequestOutput]:
         """Apply queued adds and aborts; returns the final outputs of aborted requests."""

@@ -23,6 +23,7 @@ from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.stats import FinishedRequestStats, IterationStats, RequestTimes
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class _RequestState:
     request: PreparedRequest
     seqs: list[Sequence]
     detokenizers: list[IncrementalDetokenizer]
+    times: RequestTimes
     num_finished: int = 0
 
 
@@ -80,6 +82,9 @@ class LLMEngine:
         self._requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()
         self.counters = _Counters()
+        self._iteration = IterationStats()
+        # Off by default so that an offline run does not accumulate measurements nobody collects.
+        self.collect_stats = False
 
     @classmethod
     def from_args(cls, model: str | None = None, **kwargs) -> LLMEngine:
@@ -180,7 +185,7 @@ class LLMEngine:
                 include_stop_str_in_output=req.params.include_stop_str_in_output,
             ))
             self.scheduler.add(seq)
-        self._requests[req.request_id] = _RequestState(req, seqs, detoks)
+        self._requests[req.request_id] = _RequestState(req, seqs, detoks, RequestTimes(req.arrival_time))
         self.counters.prompt_tokens += len(req.prompt_token_ids)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
@@ -197,6 +202,7 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
                 outs.append(CompletionOutput(seq.index, detok.flush(), [], [] if seq.logprobs is not None else None, "abort"))
+        self._record_finished(state, time.monotonic(), "abort")
         return self._request_output(state, outs, finished=True)
 
     # ---- the step ------------------------------------------------------------------------------
@@ -211,12 +217,21 @@ class LLMEngine:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress with requests pending (pool or budget misconfigured)")
             return []
+        scheduled_at = time.monotonic()
+        for seq, _ in sched.scheduled:
+            times = self._requests[seq.request_id].times
+            if times.first_scheduled is None:
+                times.first_scheduled = scheduled_at
         sampled_seqs, sampler_out = self.runner.execute(sched.scheduled)
         for seq, n in sched.scheduled:
             seq.num_computed_tokens += n
+        sampled_at = time.monotonic()
+        if self.collect_stats:
+            self._iteration.step_tokens.append(sched.num_batched_tokens)
 
         deltas: dict[str, list[CompletionOutput]] = {}
         for i, seq in enumerate(sampled_seqs):
+            self._record_token(seq, sampled_at)
             lp = sampler_out.logprobs[i]
             completion = self._append(seq, sampler_out.token_ids[i], lp)
             deltas.setdefault(seq.request_id, []).append(completion)
@@ -228,8 +243,41 @@ class LLMEngine:
             done = state.num_finished == len(state.seqs)
             if done:
                 del self._requests[request_id]
+                self._record_finished(state, sampled_at, state.seqs[0].finish_reason)
             outputs.append(self._request_output(state, completions, done))
         return outputs
+
+    # ---- measurements --------------------------------------------------------------------------
+
+    def _record_token(self, seq: Sequence, now: float) -> None:
+        times = self._requests[seq.request_id].times
+        if times.first_token is None:
+            times.first_token = now
+            if self.collect_stats:
+                self._iteration.ttfts_s.append(now - times.arrival)
+        if seq.last_token_time is not None and self.collect_stats:
+            self._iteration.itls_s.append(now - seq.last_token_time)
+        seq.last_token_time = now
+        times.last_token = now
+
+    def _record_finished(self, state: _RequestState, now: float, reason: str) -> None:
+        if not self.collect_stats:
+            return
+        t = state.times
+        self._iteration.finished.append(FinishedRequestStats(
+            finish_reason=reason,
+            prompt_tokens=len(state.request.prompt_token_ids),
+            generation_tokens=sum(seq.num_output_tokens for seq in state.seqs),
+            e2e_s=now - t.arrival,
+            queue_s=None if t.first_scheduled is None else t.first_scheduled - t.arrival,
+            prefill_s=None if t.first_token is None else t.first_token - t.first_scheduled,
+            decode_s=None if t.first_token is None else t.last_token - t.first_token,
+        ))
+
+    def pop_iteration_stats(self) -> IterationStats:
+        """What happened since the previous call: step sizes, TTFTs, inter-token gaps, finished requests."""
+        stats, self._iteration = self._iteration, IterationStats()
+        return stats
 
     def _append(self, seq: Sequence, token: int, logprob) -> CompletionOutput:
         seq.append_token(token)

@@ -54,6 +54,7 @@ class Sequence:
             self.generator = torch.Generator()
             self.generator.manual_seed((params.seed + index) % 2**64)
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        self.last_token_time: float | None = None  # when its latest token was sampled (inter-token latency)
 
     @property
     def num_tokens(self) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.async_engine import AsyncEngine
 from engine.errors import ValidationError
@@ -16,6 +17,7 @@ from server.completions import create_completion
 from server.config import ServerConfig
 from server.errors import error_response, install_error_handlers
 from server.generation import ServingContext
+from server.metrics import Metrics
 from server.middleware import ApiKeyAuth, BodyGuard, RequestGate, ServerState
 from server.protocol import (
     ChatCompletionRequest,
@@ -33,21 +35,41 @@ from server.protocol import (
 )
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 429, 503)}
+GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
+# request_failure_total{reason} for a generation request answered with an error status.
+_FAILURE_REASONS = {400: "validation", 401: "unauthorized", 404: "not_found", 408: "timeout", 413: "too_large",
+                    429: "overloaded", 500: "internal", 503: "unavailable"}
 _STREAM = {"text/event-stream": {"schema": {"type": "string", "description": "`data: {json}` chunks, then "
                                                                               "`data: [DONE]`"}}}
 
 
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     state = ServerState()
-    ctx = ServingContext(engine, config, state)
+    model_config = engine.engine.config
+    metrics = Metrics(engine, config.served_model_names[0], max_model_len=engine.engine.max_model_len, info={
+        "version": __version__, "dtype": str(model_config.dtype).removeprefix("torch."),
+        "device": str(model_config.device), "block_size": str(model_config.cache.block_size),
+        "num_kv_blocks": str(engine.engine.pool.num_blocks), "max_model_len": str(engine.engine.max_model_len),
+        "architecture": model_config.model.architecture,
+    })
+    ctx = ServingContext(engine, config, state, metrics)
     app = FastAPI(title="attnserve", version=__version__,
                   description="OpenAI-compatible completions and chat over the attnserve engine.")
     app.state.ctx = ctx
     install_error_handlers(app)
+    known_paths: set[str] = set()
+
+    def on_response(scope, status: int) -> None:
+        path = scope["path"]
+        route = path if path in known_paths else "other"  # unmatched paths must not grow the label set
+        metrics.count_http(route, status)
+        if route in GENERATION_ROUTES and status >= 400:
+            metrics.count_failure(_FAILURE_REASONS.get(status, "bad_request"))
+
     # add_middleware wraps: the last added runs first.
     app.add_middleware(BodyGuard, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
     app.add_middleware(ApiKeyAuth, api_key=config.api_key)
-    app.add_middleware(RequestGate, state=state)
+    app.add_middleware(RequestGate, state=state, on_response=on_response)
 
     @app.post("/v1/completions", response_model=CompletionResponse,
               responses={**_ERRORS, 200: {"content": _STREAM}})
@@ -105,8 +127,14 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         text = await ctx.off_loop(ctx.tokenizer.decode, body.tokens, skip_special_tokens=False)
         return DetokenizeResponse(prompt=text)
 
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+    async def prometheus_metrics() -> Response:
+        """Prometheus text exposition of the attnserve_* series."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/", include_in_schema=False)
     async def root() -> JSONResponse:
         return JSONResponse({"name": "attnserve", "version": __version__, "models": list(config.served_model_names)})
 
+    known_paths.update(route.path for route in app.routes)
     return app

@@ -96,7 +96,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     if req.stream:
         writer = ChunkWriter({"id": request_id, "object": "chat.completion.chunk", "created": now(),
                               "model": ctx.model_name}, req, prompt_tokens)
-        return sse_response(_events(ctx, req, writer, streams), streams)
+        return sse_response(ctx, _events(ctx, req, writer, streams), streams)
 
     async def collect() -> Response:
         choices = [ChoiceState() for _ in range(req.n)]

@@ -92,7 +92,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     if req.stream:
         writer = ChunkWriter({"id": request_id, "object": "text_completion", "created": now(),
                               "model": ctx.model_name}, req, prompt_tokens)
-        return sse_response(_events(ctx, req, writer, streams, echoes), streams)
+        return sse_response(ctx, _events(ctx, req, writer, streams, echoes), streams)
 
     async def collect() -> Response:
         n = req.n

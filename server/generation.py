@@ -18,12 +18,13 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from engine.async_engine import AsyncEngine, RequestStream
-from engine.errors import ValidationError
+from engine.errors import EngineDeadError, ValidationError
 from engine.llm_engine import PreparedRequest
 from engine.outputs import CompletionOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 from server.config import ServerConfig
 from server.errors import APIError, sse_error
+from server.metrics import Metrics
 from server.middleware import ServerState
 from server.protocol import SamplingFields
 
@@ -35,6 +36,7 @@ class ServingContext:
     engine: AsyncEngine
     config: ServerConfig
     state: ServerState
+    metrics: Metrics
 
     @property
     def model_name(self) -> str:
@@ -264,7 +266,8 @@ class ChunkWriter:
         return f"data: {_compact(chunk)}\n\n"
 
 
-def sse_response(events: AsyncIterator[str], streams: list[RequestStream]) -> StreamingResponse:
+def sse_response(ctx: ServingContext, events: AsyncIterator[str],
+                 streams: list[RequestStream]) -> StreamingResponse:
     """Stream events as SSE, each flushed as soon as it is yielded. An error after the 200 went out becomes an error
     event; `[DONE]` always ends the stream; a client that hangs up cancels the body, which aborts the requests."""
 
@@ -274,6 +277,7 @@ def sse_response(events: AsyncIterator[str], streams: list[RequestStream]) -> St
                 async for event in events:
                     yield event
             except Exception as exc:  # noqa: BLE001 - the status is sent; the error travels as an event
+                ctx.metrics.count_failure("engine_error" if isinstance(exc, EngineDeadError) else "internal")
                 yield sse_error(exc)
             yield DONE_EVENT
         finally:

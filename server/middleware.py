@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import re
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -30,16 +31,20 @@ class ServerState:
 
 
 class RequestGate:
-    """Counts requests in flight (for the drain) and answers 503 to new ones once draining has begun."""
+    """Counts requests in flight (for the drain) and answers 503 to new ones once draining has begun. Reports every
+    response's route and status to `on_response` (metrics), including the ones middleware answers itself."""
 
-    def __init__(self, app: ASGIApp, state: ServerState):
+    def __init__(self, app: ASGIApp, state: ServerState, on_response: Callable[[Scope, int], None] | None = None):
         self.app = app
         self.state = state
+        self.on_response = on_response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.on_response is not None:
+            send = self._reporting(scope, send)
         if self.state.draining and scope["path"] not in OPEN_PATHS and scope["path"] != "/metrics":
             response = error_response(503, "the server is shutting down", headers={"Connection": "close"})
             await response(scope, receive, send)
@@ -52,6 +57,15 @@ class RequestGate:
             self.state.in_flight -= 1
             if self.state.in_flight == 0:
                 self.state.idle.set()
+
+
+    def _reporting(self, scope: Scope, send: Send) -> Send:
+        async def reporting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.on_response(scope, message["status"])
+            await send(message)
+
+        return reporting_send
 
 
 class ApiKeyAuth:
