@@ -152,17 +152,12 @@ def _short(value: Any) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.headers)
+    async def _mapped(request: Request, exc: Exception) -> JSONResponse:
+        err = as_api_error(exc)  # the same mapping an error event in a stream uses
+        return error_response(err.status, err.message, err.param, err.headers)
 
-    @app.exception_handler(ValidationError)
-    async def _engine_validation(request: Request, exc: ValidationError) -> JSONResponse:
-        return error_response(400, exc.message, exc.param)
-
-    @app.exception_handler(EngineDeadError)
-    async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
-        return error_response(503, f"the engine is not running: {exc}")
+    for known in (APIError, ValidationError, EngineDeadError):
+        app.add_exception_handler(known, _mapped)
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:

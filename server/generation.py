@@ -138,13 +138,11 @@ def admit(ctx: ServingContext, prepared: list[PreparedRequest]) -> list[RequestS
 
 
 async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
-    """(stream index, delta output) from several requests as they arrive. Leaving early aborts what is unfinished."""
+    """(stream index, delta output) from several requests as they arrive. The streams stay the caller's to close
+    (sse_response and json_response do, which aborts whatever is unfinished)."""
     if len(streams) == 1:
-        try:
-            async for out in streams[0]:
-                yield 0, out
-        finally:
-            await streams[0].aclose()
+        async for out in streams[0]:
+            yield 0, out
         return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
@@ -172,8 +170,6 @@ async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
     finally:
         for task in tasks:
             task.cancel()
-        for stream in streams:
-            await stream.aclose()
 
 
 async def until_disconnected(request: Request, work: Callable[[], Any]) -> Any:
