@@ -23,20 +23,26 @@ from engine.errors import EngineDeadError, ValidationError
 from engine.llm_engine import EngineStats, LLMEngine, PreparedRequest
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.stats import IterationStats
+from engine.stats import IterationStats, RequestTimes
 
 logger = logging.getLogger(__name__)
 
 
 class RequestStream:
     """Delta outputs of one request, ending after the output marked finished. An error in the engine is
-    raised from the iteration. If the consumer leaves before the end, the request is aborted."""
+    raised from the iteration. If the consumer leaves before the end, the request is aborted.
+
+    It also keeps a running summary for request logs: tokens received, each sample's finish reason, and the
+    engine's timestamps once the request finished."""
 
     def __init__(self, request_id: str, queue: asyncio.Queue, abort: Callable[[str], None]):
         self.request_id = request_id
         self._queue = queue
         self._abort = abort
         self._done = False
+        self.num_output_tokens = 0
+        self.finish_reasons: dict[int, str] = {}  # sample index -> "stop" | "length" | "abort"
+        self.metrics: RequestTimes | None = None
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -53,6 +59,12 @@ class RequestStream:
             self._done = True
             raise item
         self._done = item.finished
+        for completion in item.outputs:
+            self.num_output_tokens += len(completion.token_ids)
+            if completion.finish_reason is not None:
+                self.finish_reasons[completion.index] = completion.finish_reason
+        if item.finished:
+            self.metrics = item.metrics
         return item
 
     def __await__(self):

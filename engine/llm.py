@@ -134,3 +134,4 @@ def _merge(out: RequestOutput, delta: RequestOutput) -> None:
         acc.finish_reason, acc.stop_reason = c.finish_reason, c.stop_reason
     out.outputs = [by_index[i] for i in sorted(by_index)]
     out.finished = delta.finished
+    out.metrics = delta.metrics

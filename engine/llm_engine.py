@@ -202,7 +202,8 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
                 outs.append(CompletionOutput(seq.index, detok.flush(), [], [] if seq.logprobs is not None else None, "abort"))
-        self._record_finished(state, time.monotonic(), "abort")
+        state.times.finished = time.monotonic()
+        self._record_finished(state, "abort")
         return self._request_output(state, outs, finished=True)
 
     # ---- the step ------------------------------------------------------------------------------
@@ -243,7 +244,8 @@ class LLMEngine:
             done = state.num_finished == len(state.seqs)
             if done:
                 del self._requests[request_id]
-                self._record_finished(state, sampled_at, state.seqs[0].finish_reason)
+                state.times.finished = sampled_at
+                self._record_finished(state, state.seqs[0].finish_reason)
             outputs.append(self._request_output(state, completions, done))
         return outputs
 
@@ -260,7 +262,7 @@ class LLMEngine:
         seq.last_token_time = now
         times.last_token = now
 
-    def _record_finished(self, state: _RequestState, now: float, reason: str) -> None:
+    def _record_finished(self, state: _RequestState, reason: str) -> None:
         if not self.collect_stats:
             return
         t = state.times
@@ -268,8 +270,8 @@ class LLMEngine:
             finish_reason=reason,
             prompt_tokens=len(state.request.prompt_token_ids),
             generation_tokens=sum(seq.num_output_tokens for seq in state.seqs),
-            e2e_s=now - t.arrival,
-            queue_s=None if t.first_scheduled is None else t.first_scheduled - t.arrival,
+            e2e_s=t.finished - t.arrival,
+            queue_s=t.queue_s,
             prefill_s=None if t.first_token is None else t.first_token - t.first_scheduled,
             decode_s=None if t.first_token is None else t.last_token - t.first_token,
         ))
@@ -314,7 +316,8 @@ class LLMEngine:
 
     def _request_output(self, state: _RequestState, completions: list[CompletionOutput], finished: bool) -> RequestOutput:
         req = state.request
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished)
+        metrics = dataclasses.replace(state.times) if finished else None
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished, metrics)
 
     def stats(self) -> EngineStats:
         # Counted in requests, not sequences, like vLLM's gauges: an n=4 request is one request.

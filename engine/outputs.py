@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.stats import RequestTimes
+
 
 @dataclass
 class TokenLogprob:
@@ -43,3 +45,4 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    metrics: RequestTimes | None = None  # set on the finished output: when it arrived, was scheduled, ...

@@ -12,10 +12,21 @@ from dataclasses import dataclass, field
 
 @dataclass
 class RequestTimes:
+    """Monotonic timestamps of one request; a finished request's RequestOutput carries a copy (`metrics`)."""
+
     arrival: float
     first_scheduled: float | None = None
     first_token: float | None = None
     last_token: float | None = None
+    finished: float | None = None
+
+    @property
+    def queue_s(self) -> float | None:
+        return None if self.first_scheduled is None else self.first_scheduled - self.arrival
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
 
 
 @dataclass

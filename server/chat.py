@@ -91,16 +91,16 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         return [ctx.engine.prepare(render_prompt_ids(ctx.tokenizer, req), params, request_id)]
 
     prepared = await ctx.off_loop(prepare)
-    streams = admit(ctx, prepared)
+    log = admit(ctx, request_id, prepared)
     prompt_tokens = len(prepared[0].prompt_token_ids)
     if req.stream:
         writer = ChunkWriter({"id": request_id, "object": "chat.completion.chunk", "created": now(),
                               "model": ctx.model_name}, req, prompt_tokens)
-        return sse_response(ctx, _events(ctx, req, writer, streams), streams)
+        return sse_response(ctx, _events(ctx, req, writer, log.streams), log)
 
     async def collect() -> Response:
         choices = [ChoiceState() for _ in range(req.n)]
-        async for _, out in merge(streams):
+        async for _, out in merge(log.streams):
             for delta in out.outputs:
                 choices[delta.index].add(delta)
         return JSONResponse({
@@ -116,7 +116,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
             "system_fingerprint": None,
         })
 
-    return await json_response(raw, streams, collect)
+    return await json_response(ctx, raw, log, collect)
 
 
 async def _events(ctx: ServingContext, req: ChatCompletionRequest, writer: ChunkWriter,

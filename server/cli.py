@@ -84,9 +84,19 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     http.add_argument("--shutdown-timeout", type=_non_negative_float, default=10.0,
                       help="on SIGTERM/SIGINT, seconds in-flight requests may take to finish before they are "
                            "aborted (default: 10)")
-    http.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
+
+    logs = p.add_argument_group("logging")
+    logs.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
                       help="log verbosity (default: info)")
-    http.add_argument("--disable-access-log", action="store_true", help="do not log one line per HTTP request")
+    logs.add_argument("--log-format", default="text", choices=["text", "json"],
+                      help="text for people, json for log collectors: one JSON object per line (default: text)")
+    logs.add_argument("--log-prompts", action="store_true",
+                      help="include prompts in the per-request log lines (default: never logged)")
+    logs.add_argument("--disable-log-requests", action="store_true",
+                      help="do not log one line per finished completion request")
+    logs.add_argument("--disable-log-stats", action="store_true",
+                      help="do not log engine throughput and load every 10 s while busy")
+    logs.add_argument("--disable-access-log", action="store_true", help="do not log one line per HTTP request")
 
     cache = p.add_argument_group("KV cache and batching")
     cache.add_argument("--max-model-len", type=_positive_int, default=None,

@@ -87,17 +87,17 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     echoes = [""] * len(prompts)
     if req.echo:
         echoes = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
-    streams = admit(ctx, prepared)
+    log = admit(ctx, request_id, prepared)
     prompt_tokens = sum(len(p.prompt_token_ids) for p in prepared)
     if req.stream:
         writer = ChunkWriter({"id": request_id, "object": "text_completion", "created": now(),
                               "model": ctx.model_name}, req, prompt_tokens)
-        return sse_response(ctx, _events(ctx, req, writer, streams, echoes), streams)
+        return sse_response(ctx, _events(ctx, req, writer, log.streams, echoes), log)
 
     async def collect() -> Response:
         n = req.n
         choices = [[ChoiceState() for _ in range(n)] for _ in prompts]
-        async for i, out in merge(streams):
+        async for i, out in merge(log.streams):
             for delta in out.outputs:
                 choices[i][delta.index].add(delta)
         body_choices, completion_tokens = [], 0
@@ -117,7 +117,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
             "system_fingerprint": None,
         })
 
-    return await json_response(raw, streams, collect)
+    return await json_response(ctx, raw, log, collect)
 
 
 async def _events(ctx: ServingContext, req: CompletionRequest, writer: ChunkWriter, streams,

@@ -16,6 +16,8 @@ class ServerConfig:
     body_timeout_s: float = 30.0  # a request body must arrive within this (slow uploads hold a handler)
     shutdown_timeout_s: float = 10.0
     retry_after_s: int = 1  # Retry-After on 429
+    log_requests: bool = True  # one log line per finished request
+    log_prompts: bool = False  # include the prompt in that line (off: prompts may hold private data)
 
     def __post_init__(self) -> None:
         if not self.served_model_names:

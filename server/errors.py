@@ -8,7 +8,6 @@ rewritten into the same shape, and validation becomes 400: nothing a client send
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,8 +16,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import EngineDeadError, ValidationError
-
-logger = logging.getLogger(__name__)
 
 _TYPES = {
     400: "BadRequestError",
@@ -62,13 +59,11 @@ def as_api_error(exc: BaseException) -> APIError:
         return APIError(400, exc.message, exc.param)
     if isinstance(exc, EngineDeadError):
         return APIError(503, f"the engine is not running: {exc}")
-    logger.error("internal error while serving a request", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}")
 
 
-def sse_error(exc: BaseException) -> str:
+def sse_error(err: APIError) -> str:
     """The event that reports an error once a stream has started (its 200 status is already sent)."""
-    err = as_api_error(exc)
     return f"data: {json.dumps(error_body(err.status, err.message, err.param))}\n\n"
 
 

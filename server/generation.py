@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,10 +24,13 @@ from engine.llm_engine import PreparedRequest
 from engine.outputs import CompletionOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 from server.config import ServerConfig
-from server.errors import APIError, sse_error
+from server.errors import APIError, as_api_error, sse_error
+from server.logs import RequestLog
 from server.metrics import Metrics
 from server.middleware import ServerState
 from server.protocol import SamplingFields
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -115,9 +119,10 @@ def check_stream_options(req: SamplingFields) -> None:
         raise APIError(400, "stream_options can only be set when stream is true", "stream_options")
 
 
-def admit(ctx: ServingContext, prepared: list[PreparedRequest]) -> list[RequestStream]:
+def admit(ctx: ServingContext, request_id: str, prepared: list[PreparedRequest]) -> RequestLog:
     """Queue the requests, or refuse them all with 429 if the waiting queue cannot take them. No await between the
-    check and the adds, so concurrent handlers cannot both squeeze into the last slot."""
+    check and the adds, so concurrent handlers cannot both squeeze into the last slot. The streams come back in
+    the RequestLog that writes the request's log line when its response ends."""
     ctx.check_serving()
     waiting = ctx.engine.num_waiting_requests()
     limit = ctx.config.max_queued_requests
@@ -134,7 +139,7 @@ def admit(ctx: ServingContext, prepared: list[PreparedRequest]) -> list[RequestS
         for stream in streams:
             ctx.engine.abort(stream.request_id)
         raise
-    return streams
+    return RequestLog(request_id, prepared, streams, log_prompts=ctx.config.log_prompts)
 
 
 async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
@@ -262,34 +267,47 @@ class ChunkWriter:
         return f"data: {_compact(chunk)}\n\n"
 
 
-def sse_response(ctx: ServingContext, events: AsyncIterator[str],
-                 streams: list[RequestStream]) -> StreamingResponse:
+def sse_response(ctx: ServingContext, events: AsyncIterator[str], log: RequestLog) -> StreamingResponse:
     """Stream events as SSE, each flushed as soon as it is yielded. An error after the 200 went out becomes an error
     event; `[DONE]` always ends the stream; a client that hangs up cancels the body, which aborts the requests."""
 
     async def body() -> AsyncIterator[str]:
+        status = 499  # unless the stream runs to its end: the client hung up
         try:
             try:
                 async for event in events:
                     yield event
+                status = 200
             except Exception as exc:  # noqa: BLE001 - the status is sent; the error travels as an event
                 ctx.metrics.count_failure("engine_error" if isinstance(exc, EngineDeadError) else "internal")
-                yield sse_error(exc)
+                err = as_api_error(exc)
+                status = err.status
+                if status == 500:
+                    logger.error("internal error while streaming a response", exc_info=exc)
+                yield sse_error(err)
             yield DONE_EVENT
         finally:
-            await _close(streams)
+            await _finish(ctx, log, status)
 
     return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def json_response(raw: Request, streams: list[RequestStream], collect: Callable[[], Any]) -> Response:
+async def json_response(ctx: ServingContext, raw: Request, log: RequestLog, collect: Callable[[], Any]) -> Response:
     """Run a non-streaming handler's collection, aborting the requests if the client hangs up first."""
+    status = 500
     try:
-        return await until_disconnected(raw, collect)
+        response = await until_disconnected(raw, collect)
+        status = response.status_code
+        return response
+    except BaseException as exc:
+        status = as_api_error(exc).status if isinstance(exc, Exception) else 499
+        raise
     finally:
-        await _close(streams)
+        await _finish(ctx, log, status)
 
 
-async def _close(streams: list[RequestStream]) -> None:
-    for stream in streams:
+async def _finish(ctx: ServingContext, log: RequestLog, status: int) -> None:
+    for stream in log.streams:
         await stream.aclose()  # a no-op for a finished request; aborts one still running
+    if ctx.config.log_requests:
+        log.write(status, ctx.tokenizer)

@@ -24,6 +24,7 @@ from engine.llm_engine import LLMEngine
 from server.app import build_app
 from server.cli import DEFAULT_MODEL_NAME, FAIL_AFTER_STEPS_ENV, engine_args_from
 from server.config import ServerConfig
+from server.logs import DEFAULT_STATS_INTERVAL_S, STATS_INTERVAL_ENV, configure_logging, log_stats_periodically
 
 logger = logging.getLogger("attnserve")
 
@@ -59,7 +60,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     logging.getLogger("uvicorn.access").disabled = args.disable_access_log
     try:
         sock = bind_socket(args.host, args.port)
@@ -79,12 +80,14 @@ def serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         served_model_names=names, api_key=args.api_key, max_queued_requests=args.max_queued_requests,
         max_body_bytes=args.max_request_body_size, shutdown_timeout_s=args.shutdown_timeout,
+        log_requests=not args.disable_log_requests, log_prompts=args.log_prompts,
     )
     app = build_app(async_engine, config)
     server = _Server(uvicorn.Config(app, log_config=None, lifespan="off", access_log=not args.disable_access_log,
                                     timeout_graceful_shutdown=5, timeout_keep_alive=5))
     try:
-        asyncio.run(_serve(server, sock, app.state.ctx, names))
+        stats_interval = None if args.disable_log_stats else _stats_interval()
+        asyncio.run(_serve(server, sock, app.state.ctx, names, stats_interval))
     finally:
         async_engine.shutdown(timeout=5.0)
         sock.close()
@@ -106,7 +109,21 @@ def _log_loaded(engine: LLMEngine, builtin: bool) -> None:
                        "Pass --model DIR to serve a real model.")
 
 
-async def _serve(server: _Server, sock: socket.socket, ctx, names: tuple[str, ...]) -> None:
+def _stats_interval() -> float:
+    text = os.environ.get(STATS_INTERVAL_ENV)
+    try:
+        value = float(text) if text else DEFAULT_STATS_INTERVAL_S
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        logger.warning("%s=%r is not a positive number of seconds; using %g", STATS_INTERVAL_ENV, text,
+                       DEFAULT_STATS_INTERVAL_S)
+        value = DEFAULT_STATS_INTERVAL_S
+    return value
+
+
+async def _serve(server: _Server, sock: socket.socket, ctx, names: tuple[str, ...],
+                 stats_interval: float | None) -> None:
     loop = asyncio.get_running_loop()
     draining: asyncio.Task | None = None
 
@@ -121,11 +138,14 @@ async def _serve(server: _Server, sock: socket.socket, ctx, names: tuple[str, ..
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    announce = loop.create_task(_announce(server, sock, names))
+    background = [loop.create_task(_announce(server, sock, names))]
+    if stats_interval is not None:
+        background.append(loop.create_task(log_stats_periodically(ctx.engine, stats_interval)))
     try:
         await server.serve(sockets=[sock])
     finally:
-        announce.cancel()
+        for task in background:
+            task.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 
