@@ -459,7 +459,7 @@ def test_correct_api_key_is_200(auth_http, method, path, body):
     assert response.status_code == 200, response.text
 
 
-@pytest.mark.parametrize("path", ["/health", "/version"])
+@pytest.mark.parametrize("path", ["/health", "/version", "/metrics"])
 def test_probes_need_no_api_key(auth_http, path):
     assert auth_http.get(path).status_code == 200
     assert auth_http.get(path, headers={"authorization": "Bearer wrong"}).status_code == 200
