@@ -46,6 +46,7 @@ def _checked(parse: Callable[[str], float], ok: Callable[[float], bool], expecte
 
 
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 _non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
 _fraction = _checked(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
 
@@ -77,8 +78,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     http.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
                       help=f"require 'Authorization: Bearer KEY' on every route but /health, /version and /metrics "
                            f"(default: ${API_KEY_ENV}, else no key)")
-    http.add_argument("--max-queued-requests", type=_positive_int, default=1024,
-                      help="requests allowed to wait for a batch slot; more get 429 with Retry-After (default: 1024)")
+    http.add_argument("--max-queued-requests", type=_non_negative_int, default=1024,
+                      help="requests allowed to wait for a batch slot; more get 429 with Retry-After. 0 refuses "
+                           "every generation request, to test how clients handle 429 (default: 1024)")
     http.add_argument("--max-request-body-size", type=_size, default=DEFAULT_MAX_BODY_BYTES,
                       help="largest request body; bigger ones get 413 (default: 4MiB)")
     http.add_argument("--shutdown-timeout", type=_non_negative_float, default=10.0,

@@ -11,7 +11,7 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 class ServerConfig:
     served_model_names: tuple[str, ...]
     api_key: str | None = None
-    max_queued_requests: int = 1024
+    max_queued_requests: int = 1024  # 0 refuses every request (429): a fault switch for testing clients
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     body_timeout_s: float = 30.0  # a request body must arrive within this (slow uploads hold a handler)
     shutdown_timeout_s: float = 10.0
@@ -22,8 +22,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.served_model_names:
             raise ValueError("served_model_names must name at least one model")
-        if self.max_queued_requests < 1:
-            raise ValueError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
+        if self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
         if self.shutdown_timeout_s < 0:

@@ -78,7 +78,8 @@ class InProcessServer:
     (running requests, KV blocks in use) while it talks HTTP to it."""
 
     def __init__(self, model: Path | str, *, served_model_name: str = "test-model", server_kwargs: dict | None = None,
-                 **engine_kwargs):
+                 wrap=None, **engine_kwargs):
+        """`wrap(app) -> app` puts ASGI middleware of the test's own in front (e.g. to inject faults)."""
         import threading
 
         import uvicorn
@@ -93,7 +94,8 @@ class InProcessServer:
                                                        **(server_kwargs or {})))
         self.sock = bind_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_config=None, lifespan="off"))
+        served = self.app if wrap is None else wrap(self.app)
+        self.server = uvicorn.Server(uvicorn.Config(served, log_config=None, lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

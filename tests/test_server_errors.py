@@ -570,7 +570,8 @@ def test_api_key_from_environment(llama):
 SERVE_FLAGS = ["--model", "--host", "--port", "--served-model-name", "--api-key", "--max-model-len", "--max-num-seqs",
                "--max-num-batched-tokens", "--block-size", "--num-kv-blocks", "--kv-cache-memory",
                "--gpu-memory-utilization", "--device", "--dtype", "--seed", "--max-queued-requests",
-               "--shutdown-timeout", "--log-level"]
+               "--shutdown-timeout", "--log-level", "--log-format", "--log-prompts", "--disable-log-requests",
+               "--disable-log-stats"]
 
 
 def run_cli(*args: str, program: list[str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
