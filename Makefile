@@ -7,6 +7,7 @@ PIP := $(PY) -m pip
 CONSTRAINTS := constraints/cpu.txt
 PYTEST_ARGS ?=
 SERVE_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: serve test demo bench clean
 
@@ -17,7 +18,7 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test
-	$(PY) benchmarks/offline_throughput.py
+	$(PY) -m server.cli bench offline $(BENCH_ARGS)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

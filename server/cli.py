@@ -11,12 +11,21 @@ import os
 import sys
 from collections.abc import Callable
 
+from clients.base import API_KEY_ENV
+from clients.bench.cli import (
+    BENCH_HELP,
+    add_bench_args,
+    checked,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    run_bench,
+)
 from engine.engine_args import EngineArgs, parse_size
 from engine.errors import AttnServeError
 from server.config import DEFAULT_MAX_BODY_BYTES
 
 DEFAULT_MODEL_NAME = "attnserve-demo"
-API_KEY_ENV = "ATTNSERVE_API_KEY"
 # Test hook: the engine loop fails after this many steps, to exercise the engine-death path end to end.
 FAIL_AFTER_STEPS_ENV = "ATTNSERVE_TEST_FAIL_AFTER_STEPS"
 
@@ -30,25 +39,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _checked(parse: Callable[[str], float], ok: Callable[[float], bool], expected: str) -> Callable[[str], float]:
-    """An argparse type: parse, then check; either failure names what was expected."""
-
-    def convert(text: str):
-        try:
-            value = parse(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not ok(value):  # NaN fails every comparison, so it is refused too
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-
-    return convert
-
-
-_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
-_non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
-_non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
-_fraction = _checked(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+# The checked argparse types are shared with `attnserve bench`.
+_fraction = checked(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
 
 
 def _size(text: str) -> int:
@@ -78,12 +70,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     http.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
                       help=f"require 'Authorization: Bearer KEY' on every route but /health, /version and /metrics "
                            f"(default: ${API_KEY_ENV}, else no key)")
-    http.add_argument("--max-queued-requests", type=_non_negative_int, default=1024,
+    http.add_argument("--max-queued-requests", type=non_negative_int, default=1024,
                       help="requests allowed to wait for a batch slot; more get 429 with Retry-After. 0 refuses "
                            "every generation request, to test how clients handle 429 (default: 1024)")
     http.add_argument("--max-request-body-size", type=_size, default=DEFAULT_MAX_BODY_BYTES,
                       help="largest request body; bigger ones get 413 (default: 4MiB)")
-    http.add_argument("--shutdown-timeout", type=_non_negative_float, default=10.0,
+    http.add_argument("--shutdown-timeout", type=non_negative_float, default=10.0,
                       help="on SIGTERM/SIGINT, seconds in-flight requests may take to finish before they are "
                            "aborted (default: 10)")
 
@@ -101,16 +93,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     logs.add_argument("--disable-access-log", action="store_true", help="do not log one line per HTTP request")
 
     cache = p.add_argument_group("KV cache and batching")
-    cache.add_argument("--max-model-len", type=_positive_int, default=None,
+    cache.add_argument("--max-model-len", type=positive_int, default=None,
                        help="longest prompt + completion in tokens (default: the model's, capped by the KV pool)")
-    cache.add_argument("--max-num-seqs", type=_positive_int, default=None,
+    cache.add_argument("--max-num-seqs", type=positive_int, default=None,
                        help="sequences in one batch (default: 256, or fewer if the token budget is smaller)")
-    cache.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
+    cache.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
                        help="tokens computed per engine step, prefill chunks included (default: 2048)")
     cache.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                        help="split long prompts over several steps (default: on)")
-    cache.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block (default: 16)")
-    cache.add_argument("--num-kv-blocks", type=_positive_int, default=None,
+    cache.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block (default: 16)")
+    cache.add_argument("--num-kv-blocks", type=positive_int, default=None,
                        help="KV blocks to allocate; overrides --kv-cache-memory and --gpu-memory-utilization")
     cache.add_argument("--kv-cache-memory", type=_size, default=None,
                        help="KV cache size on CPU, e.g. 2GiB (default: 1GiB)")
@@ -140,6 +132,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 # Subcommands: name -> (help, add arguments, run).
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "serve": ("serve a model over the OpenAI-compatible HTTP API", add_serve_args, _run_serve),
+    "bench": (BENCH_HELP, add_bench_args, run_bench),
 }
 
 

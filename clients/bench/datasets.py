@@ -1,0 +1,404 @@
+"""Workloads: random prompts of exact token counts, or prompts read from a JSONL or ShareGPT file.
+
+Token counts are the server's: by default /tokenize and /detokenize on the target itself (attnserve and vLLM both
+have them), else a local tokenizer (`--tokenizer`). A random prompt's count is what the server will charge for it:
+for completions the prompt text with its special tokens (BOS), for chat the whole templated conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from clients.bench import BenchError
+from clients.bench.cli import DEFAULT_OUTPUT_LEN
+
+# Distinct ordinary words: their token ids are the alphabet random prompts are drawn from. Real word pieces (rather
+# than arbitrary vocabulary ids, which include control bytes and special tokens) survive decode -> encode closely,
+# so the exact-count adjustment converges in a step or two.
+_WORDS = """
+time year people way day man thing woman life child world school state family student group country problem hand
+part place case week company system program question work government number night point home water room mother
+area money story fact month lot right study book eye job word business issue side kind head house service friend
+father power hour game line end member law car city community name president team minute idea kid body information
+back parent face others level office door health person art war history party result change morning reason
+research girl guy moment air teacher force education foot boy age policy process music market sense nation plan
+college interest death experience effect use class control care field development role effort rate heart drug
+show leader light voice wife police mind price report decision son view relationship town road arm difference
+river mountain garden window letter paper table chair bread stone cloud summer winter yellow green quiet bright
+simple early small large young strong little great old public local clear happy ready often always never again
+""".split()
+
+MAX_ADJUST_STEPS = 40  # decode -> count -> grow/shrink rounds for one prompt before giving up
+BUILD_CONCURRENCY = 8  # prompts built at once (each is a few small /tokenize and /detokenize calls)
+SHAREGPT_HUMAN = ("human", "user")
+SHAREGPT_ANSWER = ("gpt", "assistant", "chatgpt")
+
+
+class DatasetError(BenchError):
+    pass
+
+
+@dataclass
+class BenchRequest:
+    """One request of the workload: a prompt (completions) or messages (chat), and its max_tokens."""
+
+    prompt: str | None
+    messages: list[dict] | None
+    max_tokens: int
+    expected_prompt_len: int | None = None  # exact for the random dataset; unknown (None) for files
+
+
+class TokenCounter(Protocol):
+    """Token counting as the target server does it."""
+
+    max_model_len: int | None
+
+    async def encode(self, text: str) -> list[int]: ...  # plain text, no special tokens
+
+    async def decode(self, ids: list[int]) -> str: ...
+
+    async def count_prompt(self, text: str) -> int: ...  # as a completions request is charged (with BOS)
+
+    async def count_chat(self, messages: list[dict]) -> int: ...  # templated, with the generation prompt
+
+
+class ServerTokenizer:
+    """Counts with the target's /tokenize and /detokenize (an httpx.AsyncClient on its base URL)."""
+
+    def __init__(self, client: Any, model: str):
+        self.client = client
+        self.model = model
+        self.max_model_len: int | None = None
+
+    async def _post(self, route: str, body: dict) -> dict:
+        import httpx
+
+        try:
+            response = await self.client.post(route, json={"model": self.model, **body})
+        except httpx.HTTPError as exc:
+            raise BenchError(f"POST {route} failed: {exc!r}") from None
+        if response.status_code != 200:
+            # 404 is also how a server answers an unknown model, so the server's own message is shown first.
+            hint = "; a server without this route needs --tokenizer PATH" if response.status_code in (404, 405) else ""
+            raise BenchError(f"POST {route} answered {response.status_code}: {response.text[:300]}{hint}")
+        data = response.json()
+        if isinstance(data.get("max_model_len"), int):
+            self.max_model_len = data["max_model_len"]
+        return data
+
+    async def encode(self, text: str) -> list[int]:
+        return (await self._post("/tokenize", {"prompt": text, "add_special_tokens": False}))["tokens"]
+
+    async def decode(self, ids: list[int]) -> str:
+        return (await self._post("/detokenize", {"tokens": ids}))["prompt"]
+
+    async def count_prompt(self, text: str) -> int:
+        return (await self._post("/tokenize", {"prompt": text, "add_special_tokens": True}))["count"]
+
+    async def count_chat(self, messages: list[dict]) -> int:
+        return (await self._post("/tokenize", {"messages": messages, "add_generation_prompt": True}))["count"]
+
+
+class LocalTokenizer:
+    """Counts with a local tokenizer.json, or a model directory (which also gives the chat template)."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        self.max_model_len = None
+        self._chat = None  # the engine's Tokenizer when the directory could be loaded the way the server loads it
+        if path.is_dir():
+            try:
+                from engine.tokenizer import Tokenizer  # reads the directory exactly as the server does
+            except ImportError:
+                path = path / "tokenizer.json"
+            else:
+                try:
+                    self._chat = Tokenizer.from_dir(path)
+                except Exception as exc:  # noqa: BLE001 - ModelLoadError and friends: the message says what is wrong
+                    raise BenchError(f"--tokenizer {path}: {exc}") from None
+                self._backend = self._chat.backend
+                return
+        if not path.is_file():
+            raise BenchError(f"--tokenizer {path}: no such file or directory (give a tokenizer.json or a model dir)")
+        import tokenizers
+
+        try:
+            self._backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - the Rust loader raises a bare Exception
+            raise BenchError(f"--tokenizer {path} is not a valid tokenizer.json: {exc}") from None
+
+    async def encode(self, text: str) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    async def decode(self, ids: list[int]) -> str:
+        return self._backend.decode(ids, skip_special_tokens=False)
+
+    async def count_prompt(self, text: str) -> int:
+        return len(self._backend.encode(text, add_special_tokens=True).ids)
+
+    async def count_chat(self, messages: list[dict]) -> int:
+        if self._chat is None:
+            raise BenchError("--endpoint chat with --tokenizer needs a model directory (for its chat template), "
+                             "not a bare tokenizer.json")
+        try:
+            return len(self._chat.encode_chat(messages, add_generation_prompt=True))
+        except Exception as exc:  # noqa: BLE001 - a template error names its cause
+            raise BenchError(f"--tokenizer: rendering the chat template failed: {exc}") from None
+
+
+# ----- random prompts of exact lengths -----
+
+
+def random_lengths(n: int, input_len: int, output_len: int, ratio: float, seed: int) -> list[tuple[int, int]]:
+    """(prompt tokens, output tokens) per request, each uniform in [L*(1-r), L*(1+r)] (vLLM's RandomDataset)."""
+    rng = random.Random(seed)
+
+    def draw(length: int) -> int:
+        return max(1, rng.randint(int(length * (1 - ratio)), int(length * (1 + ratio))))
+
+    return [(draw(input_len), draw(output_len)) for _ in range(n)]
+
+
+async def _exact_prompt(counter: TokenCounter, chat: bool, target: int, overhead: int, pool: list[int],
+                        rng: random.Random) -> str:
+    """Text whose count is exactly `target`. Start from target - overhead random word pieces, then repeatedly
+    decode, count, and add or drop pieces at the end by the difference: retokenizing can merge pieces across
+    boundaries, so one pass is not always exact."""
+
+    async def count(text: str) -> int:
+        return await (counter.count_chat([{"role": "user", "content": text}]) if chat else counter.count_prompt(text))
+
+    ids = [rng.choice(pool) for _ in range(target - overhead)]
+    for _ in range(MAX_ADJUST_STEPS):
+        text = await counter.decode(ids)
+        diff = target - await count(text)
+        if diff == 0:
+            return text
+        if diff > 0:
+            ids += [rng.choice(pool) for _ in range(diff)]
+        else:
+            # Drop the surplus; once only a few pieces are left, redraw the last one instead so the text never
+            # becomes empty (an empty prompt may be refused).
+            del ids[max(1, len(ids) + diff):]
+            if len(ids) == 1:
+                ids[0] = rng.choice(pool)
+    raise DatasetError(f"could not build a prompt of exactly {target} tokens in {MAX_ADJUST_STEPS} rounds (the "
+                       "tokenizer keeps merging pieces at the end); try another --seed or --input-len")
+
+
+async def _gather_limited(jobs: list[Callable[[], Awaitable[Any]]], limit: int = BUILD_CONCURRENCY) -> list[Any]:
+    semaphore = asyncio.Semaphore(limit)
+
+    async def run(job: Callable[[], Awaitable[Any]]) -> Any:
+        async with semaphore:
+            return await job()
+
+    return await asyncio.gather(*(run(job) for job in jobs))
+
+
+async def build_random(counter: TokenCounter, *, n: int, input_len: int, output_len: int, ratio: float, seed: int,
+                       chat: bool) -> list[BenchRequest]:
+    lengths = random_lengths(n, input_len, output_len, ratio, seed)
+    pool = list(dict.fromkeys(await counter.encode(" " + " ".join(_WORDS))))
+    if not pool:
+        raise DatasetError("the tokenizer returned no tokens for plain English text")
+    overhead = await (counter.count_chat([{"role": "user", "content": ""}]) if chat else counter.count_prompt(""))
+    shortest = min(length for length, _ in lengths)
+    if shortest <= overhead:
+        what = "the chat template" if chat else "the special tokens (BOS)"
+        raise DatasetError(f"a {shortest}-token prompt leaves no room for text: {what} already take {overhead} "
+                           f"tokens; raise --input-len (or lower --range-ratio)")
+    limit = counter.max_model_len
+    longest = max(p + o for p, o in lengths)
+    if limit is not None and longest > limit:
+        raise DatasetError(f"prompt + output lengths reach {longest} tokens, above the server's max_model_len "
+                           f"{limit}; lower --input-len, --output-len or --range-ratio")
+
+    def job(i: int, target: int) -> Callable[[], Awaitable[str]]:
+        # One generator per prompt, seeded by (seed, index): the text does not depend on the build order.
+        return lambda: _exact_prompt(counter, chat, target, overhead, pool, random.Random(f"{seed}:{i}"))
+
+    texts = await _gather_limited([job(i, p) for i, (p, _) in enumerate(lengths)])
+    return [BenchRequest(prompt=None if chat else text, messages=[{"role": "user", "content": text}] if chat else None,
+                         max_tokens=out, expected_prompt_len=p)
+            for text, (p, out) in zip(texts, lengths)]
+
+
+# ----- files: JSONL records or ShareGPT -----
+
+
+@dataclass
+class FileRecord:
+    where: str  # "FILE:LINE", for messages about this record
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    max_tokens: int | None = None
+    answer: str | None = None  # ShareGPT: the reply whose token count becomes max_tokens
+    sharegpt: bool = False
+
+
+def _json_list_items(text: str, path: Path) -> Iterator[tuple[int, Any]]:
+    """(line, element) of a top-level JSON list, decoding one element at a time so each keeps its line number."""
+    decoder = json.JSONDecoder()
+    pos, line, counted = text.index("[") + 1, 1, 0
+
+    def skip_space(i: int) -> int:
+        while i < len(text) and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    def line_at(i: int) -> int:
+        nonlocal line, counted
+        line += text.count("\n", counted, i)
+        counted = i
+        return line
+
+    pos = skip_space(pos)
+    if pos < len(text) and text[pos] == "]":
+        return
+    while True:
+        try:
+            item, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        yield line_at(pos), item
+        pos = skip_space(end)
+        if pos < len(text) and text[pos] == ",":
+            pos = skip_space(pos + 1)
+            continue
+        if pos < len(text) and text[pos] == "]":
+            return
+        raise DatasetError(f"{path}:{line_at(min(pos, len(text)))}: expected ',' or ']' in the JSON list")
+
+
+def _positive_int_field(obj: dict, key: str, where: str) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DatasetError(f"{where}: {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_messages(messages: Any, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DatasetError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), (str, list)):
+            raise DatasetError(f"{where}: messages[{i}] must be an object with a string 'role' and a 'content'")
+    return messages
+
+
+def _parse_sharegpt(conversations: Any, where: str) -> FileRecord | None:
+    """First human turn = prompt, the first gpt turn after it = answer. None (skipped) without a human turn."""
+    if not isinstance(conversations, list):
+        raise DatasetError(f"{where}: 'conversations' must be a list of {{from, value}} turns")
+    for i, turn in enumerate(conversations):
+        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
+            raise DatasetError(f"{where}: conversations[{i}] must be an object with string 'from' and 'value'")
+    human = next((i for i, t in enumerate(conversations) if t["from"] in SHAREGPT_HUMAN and t["value"]), None)
+    if human is None:
+        return None
+    answer = next((t["value"] for t in conversations[human + 1:] if t["from"] in SHAREGPT_ANSWER), None)
+    return FileRecord(where, prompt=conversations[human]["value"], answer=answer, sharegpt=True)
+
+
+def parse_record(obj: Any, where: str) -> FileRecord | None:
+    """One dataset record; None for a ShareGPT conversation without a human turn (skipped, as vLLM does)."""
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "conversations" in obj:
+        return _parse_sharegpt(obj["conversations"], where)
+    if ("prompt" in obj) == ("messages" in obj):
+        raise DatasetError(f"{where}: expected exactly one of \"prompt\" (a string) or \"messages\" (a list), "
+                           f"or a ShareGPT \"conversations\" list")
+    max_tokens = _positive_int_field(obj, "max_tokens", where)
+    if "prompt" in obj:
+        if not isinstance(obj["prompt"], str) or not obj["prompt"]:
+            raise DatasetError(f"{where}: 'prompt' must be a non-empty string")
+        return FileRecord(where, prompt=obj["prompt"], max_tokens=max_tokens)
+    return FileRecord(where, messages=_check_messages(obj["messages"], where), max_tokens=max_tokens)
+
+
+def load_file(path: str | Path) -> tuple[list[FileRecord], int]:
+    """(records, number skipped) of a JSONL file or a JSON list (ShareGPT's layout)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DatasetError(f"--dataset {path}: no such file (give 'random' or a .jsonl / ShareGPT .json file)") \
+            from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"--dataset {path}: cannot read it: {exc}") from None
+    if text.lstrip().startswith("["):
+        items: Iterator[tuple[int, Any]] = _json_list_items(text, path)
+    else:
+        items = _jsonl_items(text, path)
+    records, skipped = [], 0
+    for line, obj in items:
+        record = parse_record(obj, f"{path}:{line}")
+        if record is None:
+            skipped += 1
+        else:
+            records.append(record)
+    return records, skipped
+
+
+def _jsonl_items(text: str, path: Path) -> Iterator[tuple[int, Any]]:
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield line_no, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+
+
+async def build_from_file(path: str | Path, *, n: int, chat: bool, output_len: int | None,
+                          counter: Callable[[], TokenCounter]) -> tuple[list[BenchRequest], str | None]:
+    """The first n usable records (cycling when the file has fewer), and a note for the user, if any.
+
+    max_tokens: --output-len when given, else the record's "max_tokens", else (ShareGPT) the answer's token count,
+    else the default. `counter` is called only when a ShareGPT answer must be counted, so a file with explicit
+    lengths needs no tokenizer at all.
+    """
+    records, skipped = load_file(path)
+    if output_len is None:
+        # A ShareGPT conversation without an answer has no output length to replay.
+        unanswered = sum(1 for r in records if r.sharegpt and r.answer is None)
+        records = [r for r in records if not (r.sharegpt and r.answer is None)]
+        skipped += unanswered
+    notes = []
+    if skipped:
+        notes.append(f"skipped {skipped} ShareGPT conversation(s) without a human turn or a gpt answer")
+    if not records:
+        raise DatasetError(f"--dataset {path}: no usable records")
+    if not chat:
+        bad = next((r for r in records if r.messages is not None), None)
+        if bad is not None:
+            raise DatasetError(f"{bad.where}: a 'messages' record needs --endpoint chat")
+    chosen = [records[i % len(records)] for i in range(n)]
+    if n > len(records):
+        notes.append(f"the file has {len(records)} usable records; cycling through them for {n} requests")
+
+    answer_lens: dict[int, int] = {}
+    if output_len is None:
+        unique = list({id(r): r for r in chosen if r.max_tokens is None and r.answer is not None}.values())
+        if unique:
+            tok = counter()
+            counts = await _gather_limited([(lambda r=r: tok.encode(r.answer)) for r in unique])
+            answer_lens = {id(r): max(1, len(ids)) for r, ids in zip(unique, counts)}
+
+    requests = []
+    for r in chosen:
+        max_tokens = output_len or r.max_tokens or answer_lens.get(id(r)) or DEFAULT_OUTPUT_LEN
+        messages = r.messages if r.messages is not None else ([{"role": "user", "content": r.prompt}] if chat else None)
+        requests.append(BenchRequest(prompt=None if chat else r.prompt, messages=messages, max_tokens=max_tokens))
+    return requests, "; ".join(notes) or None

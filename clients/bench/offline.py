@@ -1,0 +1,165 @@
+"""`attnserve bench offline`: offline throughput of the engine in-process vs transformers' generate, same model,
+same prompts, same run (formerly benchmarks/offline_throughput.py; same flags).
+
+    attnserve bench offline                 # CPU default: 64 requests, a ~56M Llama-shape model
+    attnserve bench offline --num-requests 256 --input-len 100 1024 --output-len 100 1024  # standard shape
+
+Each request has a random prompt (token ids) and a random output length, both uniform in the given ranges;
+generation is greedy with ignore_eos, so both engines produce exactly the requested number of tokens. Throughput =
+requested output tokens / wall time.
+
+transformers is measured once per --hf-batch-size: batch 1 is generate run per prompt; a larger batch is
+left-padded and generates its longest requested output, which is how HF generate serves a mixed workload; only the
+requested tokens count towards its throughput. transformers is needed only for that reference (the test extra);
+without it the reference is skipped with a note. torch, the engine and transformers are imported when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+
+# The ~56M-parameter Llama shape the recorded results (docs/benchmarks.md) use: 8 layers, hidden 512, GQA 8/4.
+LLAMA_50M = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8,
+             "num_key_value_heads": 4, "max_position_embeddings": 4096}
+INIT_STD = 0.02  # transformers' initializer_range default, so the weights look like a freshly initialised model
+
+
+def build_llama_50m(out_dir: Path, vocab_size: int = 32000, num_hidden_layers: int = 8) -> Path:
+    """A random-weight Llama-shape checkpoint of ~56M parameters (untied), written as a Hugging Face directory
+    without transformers: config.json in LlamaConfig's layout, N(0, 0.02) matrices and unit norms in safetensors,
+    and the engine's byte-level BPE tokenizer (4096 tokens). Offline, prompts are token ids, so the tokenizer's
+    vocabulary does not matter; for serving it does (ids past the tokenizer decode to no text, so streams would
+    look empty), which is what vocab_size=4096, num_hidden_layers=16 (~51M parameters) is for."""
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.default_model import build_bpe_tokenizer, write_tokenizer_files
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    c = {**LLAMA_50M, "vocab_size": vocab_size, "num_hidden_layers": num_hidden_layers}
+    head_dim = c["hidden_size"] // c["num_attention_heads"]
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", **c, "head_dim": head_dim,
+        "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None,
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "bos_token_id": 0,
+        "eos_token_id": 1, "initializer_range": INIT_STD, "torch_dtype": "float32",
+    }
+    gen = torch.Generator().manual_seed(0)
+    hidden, inter = c["hidden_size"], c["intermediate_size"]
+    q_dim, kv_dim = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
+
+    def normal(*shape: int):
+        return torch.normal(0.0, INIT_STD, size=shape, generator=gen)
+
+    weights = {"model.embed_tokens.weight": normal(vocab_size, hidden)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        weights |= {p + "self_attn.q_proj.weight": normal(q_dim, hidden),
+                    p + "self_attn.k_proj.weight": normal(kv_dim, hidden),
+                    p + "self_attn.v_proj.weight": normal(kv_dim, hidden),
+                    p + "self_attn.o_proj.weight": normal(hidden, q_dim),
+                    p + "mlp.gate_proj.weight": normal(inter, hidden),
+                    p + "mlp.up_proj.weight": normal(inter, hidden),
+                    p + "mlp.down_proj.weight": normal(hidden, inter),
+                    p + "input_layernorm.weight": torch.ones(hidden),
+                    p + "post_attention_layernorm.weight": torch.ones(hidden)}
+    weights["model.norm.weight"] = torch.ones(hidden)
+    weights["lm_head.weight"] = normal(vocab_size, hidden)
+    save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_tokenizer_files(build_bpe_tokenizer(), out_dir)
+    return out_dir
+
+
+def make_workload(n: int, input_len: tuple[int, int], output_len: tuple[int, int], vocab: int, seed: int):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(10, vocab) for _ in range(rng.randint(*input_len))] for _ in range(n)]
+    outputs = [rng.randint(*output_len) for _ in range(n)]
+    return prompts, outputs
+
+
+def run_attnserve(model_dir: Path, prompts, out_lens, args: argparse.Namespace) -> dict:
+    from engine import LLM, SamplingParams
+
+    llm = LLM(str(model_dir), max_model_len=args.input_len[1] + args.output_len[1], device=args.device,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
+    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    results = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    generated = sum(len(r.outputs[0].token_ids) for r in results)
+    assert generated == sum(out_lens), "attnserve produced a different number of tokens than requested"
+    return {"seconds": elapsed, "output_tokens": generated, "tokens_per_s": generated / elapsed}
+
+
+def run_transformers(model_dir: Path, prompts, out_lens, batch_size: int, device: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    pad = 2
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(prompts), batch_size):
+            batch, lens = prompts[i : i + batch_size], out_lens[i : i + batch_size]
+            width = max(map(len, batch))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+            new = max(lens)
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=pad, eos_token_id=None)
+    elapsed = time.perf_counter() - start
+    useful = sum(out_lens)
+    return {"batch_size": batch_size, "seconds": elapsed, "output_tokens": useful, "tokens_per_s": useful / elapsed}
+
+
+def _transformers_available() -> bool:
+    return importlib.util.find_spec("transformers") is not None
+
+
+def run_offline(args: argparse.Namespace) -> int:
+    import torch
+
+    from engine.config import ModelConfig
+
+    skip_hf = args.skip_hf
+    if not skip_hf and not _transformers_available():
+        print("Note: transformers is not installed, so the transformers reference is skipped "
+              "(pip install transformers, or the attnserve[test] extra)")
+        skip_hf = True
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(args.model) if args.model else build_llama_50m(Path(tmp) / "llama-50m")
+        vocab = ModelConfig.from_dir(model_dir).vocab_size
+        prompts, out_lens = make_workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), vocab,
+                                          args.seed)
+        ours = run_attnserve(model_dir, prompts, out_lens, args)
+        hf = [] if skip_hf else [
+            run_transformers(model_dir, prompts, out_lens, bs, args.device) for bs in args.hf_batch_size
+        ]
+
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                   f"torch {torch.__version__}",
+        "device": args.device,
+        "workload": {"requests": args.num_requests, "input_len": list(args.input_len),
+                     "output_len": list(args.output_len)},
+        "attnserve": ours,
+        "transformers": hf,
+        "ratios": {r["batch_size"]: ours["tokens_per_s"] / r["tokens_per_s"] for r in hf},
+    }
+    print(f"attnserve:                {ours['output_tokens']} tokens in {ours['seconds']:6.1f} s = "
+          f"{ours['tokens_per_s']:7.1f} tok/s")
+    for r in hf:
+        print(f"transformers (batch {r['batch_size']:3d}): {r['output_tokens']} tokens in {r['seconds']:6.1f} s = "
+              f"{r['tokens_per_s']:7.1f} tok/s   ratio attnserve/transformers {report['ratios'][r['batch_size']]:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
