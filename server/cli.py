@@ -68,7 +68,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     http.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
     http.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
-                      help=f"require 'Authorization: Bearer KEY' on every route but /health, /version and /metrics "
+                      help=f"require 'Authorization: Bearer KEY' on every route but /health and /version "
                            f"(default: ${API_KEY_ENV}, else no key)")
     http.add_argument("--max-queued-requests", type=non_negative_int, default=1024,
                       help="requests allowed to wait for a batch slot; more get 429 with Retry-After. 0 refuses "

@@ -16,10 +16,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import error_response
 
-# Probes and the scrape must work without a key and while draining: load balancers call the probes to decide where
-# traffic goes, and Prometheus scrapes /metrics (as with vLLM, whose key guards only the API routes). Neither
-# reveals prompts or outputs.
-OPEN_PATHS = frozenset({"/health", "/version", "/metrics"})
+# Probes must work without a key and while draining: load balancers call them to decide where traffic goes.
+# /metrics needs the key like every other route (Prometheus sends it from a credentials file, see deploy/).
+OPEN_PATHS = frozenset({"/health", "/version"})
 
 
 class ServerState:
@@ -47,7 +46,7 @@ class RequestGate:
             return
         if self.on_response is not None:
             send = self._reporting(scope, send)
-        if self.state.draining and scope["path"] not in OPEN_PATHS:
+        if self.state.draining and scope["path"] not in OPEN_PATHS and scope["path"] != "/metrics":
             response = error_response(503, "the server is shutting down", headers={"Connection": "close"})
             await response(scope, receive, send)
             return

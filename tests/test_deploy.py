@@ -38,7 +38,7 @@ PROVISIONING = REPO / "deploy" / "grafana" / "provisioning"
 SERVICES = {"attnserve", "prometheus", "grafana"}
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
 # Variables compose interpolates; cleared so the caller's environment cannot change what the tests see.
-COMPOSE_VARS = ("MODEL", "MODEL_DIR", "PORT", "PROMETHEUS_PORT", "GRAFANA_PORT", "ATTNSERVE_API_KEY",
+COMPOSE_VARS = ("MODEL", "MODEL_DIR", "PORT", "PROMETHEUS_PORT", "GRAFANA_PORT", "ATTNSERVE_API_KEY_FILE",
                 "COMPOSE_FILE", "COMPOSE_PROJECT_NAME", "COMPOSE_PROFILES")
 
 
@@ -142,16 +142,26 @@ def test_compose_services_are_wired_together():
 
 
 def test_compose_variables_override_ports_model_and_key(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-test\n")
     env = {"PORT": "18000", "PROMETHEUS_PORT": "19090", "GRAFANA_PORT": "13000", "MODEL_DIR": str(tmp_path),
-           "MODEL": "/models/Qwen3-0.6B", "ATTNSERVE_API_KEY": "sk-test"}
+           "MODEL": "/models/Qwen3-0.6B", "ATTNSERVE_API_KEY_FILE": str(key_file)}
     services = compose_config(env)["services"]
     app = services["attnserve"]
     assert ports(app) == {(18000, 8000)}  # only the host side moves; Prometheus still scrapes :8000
     assert (str(tmp_path), "/models", True) in mounts(app)
     assert app["environment"]["MODEL"] == "/models/Qwen3-0.6B"
-    assert app["environment"]["ATTNSERVE_API_KEY"] == "sk-test"
+    # One key file: the server reads it (entrypoint) and Prometheus sends it (its credentials_file).
+    assert (str(key_file), "/run/attnserve/api_key", True) in mounts(app)
+    assert (str(key_file), "/etc/prometheus/api_key", True) in mounts(services["prometheus"])
     assert ports(services["prometheus"]) == {(19090, 9090)}
     assert ports(services["grafana"]) == {(13000, 3000)}
+
+
+def test_default_key_file_is_empty_and_is_the_prometheus_credentials_file():
+    """Without ATTNSERVE_API_KEY_FILE, compose mounts the repo's empty file: no key on either side."""
+    assert (PROMETHEUS_CONFIG.parent / "api_key").read_text() == ""
+    assert "credentials_file: api_key" in PROMETHEUS_CONFIG.read_text()
 
 
 # --- Prometheus -----------------------------------------------------------------------------------------------------
@@ -382,6 +392,26 @@ def test_entrypoint_execs_the_server_with_model_and_extra_flags(fake_attnserve, 
     expected = ["serve", "--host", "0.0.0.0", "--port", "8000"] + (["--model", model] if model else []) + \
         ["--max-model-len", "4096"]
     assert [ln.removeprefix("arg=") for ln in lines[1:]] == expected
+
+
+def test_entrypoint_reads_the_api_key_file(tmp_path):
+    """The key file sets ATTNSERVE_API_KEY for the server; an explicit ATTNSERVE_API_KEY wins; an empty file sets
+    nothing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "attnserve").write_text('#!/bin/sh\nprintf "key=%s" "${ATTNSERVE_API_KEY:-}"\n')
+    (bin_dir / "attnserve").chmod(0o755)
+    key = tmp_path / "key"
+
+    def key_seen(content: str, env_key: str | None = None) -> str:
+        key.write_text(content)
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "ATTNSERVE_API_KEY_PATH": str(key),
+               **({} if env_key is None else {"ATTNSERVE_API_KEY": env_key})}
+        return subprocess.run([str(ENTRYPOINT)], capture_output=True, text=True, env=env, timeout=30).stdout
+
+    assert key_seen("from-file\n") == "key=from-file"
+    assert key_seen("from-file", env_key="from-env") == "key=from-env"
+    assert key_seen("") == "key="
 
 
 class _Unavailable(http.server.BaseHTTPRequestHandler):

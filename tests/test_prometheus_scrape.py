@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.skipif(
     reason="Debian's prometheus binary is not on PATH (apt-get install prometheus; .ci/run installs it)",
 )
 MODEL = "scraped-model"
+SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "prometheus.yml"
 
 
 def _free_port() -> int:
@@ -49,17 +51,18 @@ def _wait_for(client: httpx.Client, expr: str, ok, timeout: float = 60.0) -> lis
 
 @pytest.fixture
 def prometheus(tmp_path):
-    """Start Prometheus against a target given later: yields `start(target_host_port) -> query client`."""
+    """Start Prometheus with the shipped deploy/prometheus/prometheus.yml, its target pointed at a live server and
+    its interval cut to 1 s: yields `start(target_host_port, api_key) -> query client`."""
     procs: list[subprocess.Popen] = []
     log = tmp_path / "prometheus.log"
 
-    def start(target: str) -> httpx.Client:
+    def start(target: str, api_key: str = "") -> httpx.Client:
+        shipped = SHIPPED_CONFIG.read_text()
+        assert "attnserve:8000" in shipped and "scrape_interval: 5s" in shipped
         config = tmp_path / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            "scrape_configs:\n  - job_name: attnserve\n    metrics_path: /metrics\n"
-            f"    static_configs:\n      - targets: ['{target}']\n"
-        )
+        config.write_text(shipped.replace("attnserve:8000", target).replace("scrape_interval: 5s",
+                                                                            "scrape_interval: 1s"))
+        (tmp_path / "api_key").write_text(api_key)  # the credentials_file, next to the config as in compose
         port = _free_port()
         with log.open("w") as out:
             procs.append(subprocess.Popen(
@@ -86,15 +89,19 @@ def prometheus(tmp_path):
             proc.kill()
 
 
-def test_prometheus_scrapes_throughput_and_ttft(make_ckpt, prometheus):
-    with InProcessServer(make_ckpt("llama"), served_model_name=MODEL, max_model_len=256, num_kv_blocks=64) as server:
-        query = prometheus(server.url.removeprefix("http://"))
+@pytest.mark.parametrize("api_key", ["", "scrape-key"], ids=["no-key", "with-key"])
+def test_prometheus_scrapes_throughput_and_ttft(make_ckpt, prometheus, api_key):
+    """With an API key, Prometheus sends it from the credentials file (without it, /metrics is a 401)."""
+    with InProcessServer(make_ckpt("llama"), served_model_name=MODEL, max_model_len=256, num_kv_blocks=64,
+                         server_kwargs={"api_key": api_key or None}) as server:
+        query = prometheus(server.url.removeprefix("http://"), api_key)
         stop = threading.Event()
         done = []
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
         def workload() -> None:
             # Steady traffic for a while, so that several 1 s scrapes see the counters move.
-            with server.client() as c:
+            with server.client(headers=headers) as c:
                 while not stop.is_set():
                     r = c.post("/v1/completions", json={"prompt": "count with me", "max_tokens": 16,
                                                         "ignore_eos": True, "stream": len(done) % 2 == 0})

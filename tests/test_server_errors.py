@@ -436,6 +436,7 @@ PROTECTED = [
     ("POST", "/tokenize", {"prompt": "Hello"}),
     ("POST", "/detokenize", {"tokens": [1, 2, 3]}),
     ("GET", "/openapi.json", None),
+    ("GET", "/metrics", None),
 ]
 BAD_AUTH = {
     "missing": {},
@@ -459,7 +460,7 @@ def test_correct_api_key_is_200(auth_http, method, path, body):
     assert response.status_code == 200, response.text
 
 
-@pytest.mark.parametrize("path", ["/health", "/version", "/metrics"])
+@pytest.mark.parametrize("path", ["/health", "/version"])
 def test_probes_need_no_api_key(auth_http, path):
     assert auth_http.get(path).status_code == 200
     assert auth_http.get(path, headers={"authorization": "Bearer wrong"}).status_code == 200
