@@ -43,6 +43,7 @@ class RequestStream:
         self.num_output_tokens = 0
         self.finish_reasons: dict[int, str] = {}  # sample index -> "stop" | "length" | "abort"
         self.metrics: RequestTimes | None = None
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -59,6 +60,7 @@ class RequestStream:
             self._done = True
             raise item
         self._done = item.finished
+        self.num_cached_tokens = item.num_cached_tokens
         for completion in item.outputs:
             self.num_output_tokens += len(completion.token_ids)
             if completion.finish_reason is not None:
@@ -136,11 +138,11 @@ class AsyncEngine:
             return self._stats.num_waiting + self._pending_adds
 
     def prepare(self, prompt: str | list[int], params: SamplingParams | None = None,
-                request_id: str | None = None) -> PreparedRequest:
+                request_id: str | None = None, cache_salt: str | None = None) -> PreparedRequest:
         """Validate (raises ValidationError) without queueing; for callers that must answer errors before streaming."""
         self._check_alive()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        return self.engine.prepare_request(request_id, prompt, params)
+        return self.engine.prepare_request(request_id, prompt, params, cache_salt=cache_salt)
 
     def add_request(
         self, prompt: str | list[int] | PreparedRequest, params: SamplingParams | None = None,

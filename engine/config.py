@@ -259,6 +259,7 @@ class CacheConfig:
     num_blocks: int | None = None  # explicit pool size wins over the memory-based sizing
     kv_cache_memory: int = 1 << 30  # bytes; the CPU sizing budget
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of total memory the engine may use
+    enable_prefix_caching: bool = True  # share the KV blocks of equal prompt prefixes (engine/block_hash.py)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class EngineArgs:
     max_num_seqs: int | None = None  # None: 256, or fewer if the token budget is smaller
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
     attention_backend: str | None = None
 
     @classmethod
@@ -105,7 +106,8 @@ class EngineArgs:
             )
         return EngineConfig(
             model=model,
-            cache=CacheConfig(self.block_size, self.num_kv_blocks, kv_memory, self.gpu_memory_utilization),
+            cache=CacheConfig(self.block_size, self.num_kv_blocks, kv_memory, self.gpu_memory_utilization,
+                              self.enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len, self.enable_chunked_prefill),
             device=device,
             dtype=parse_dtype(self.dtype, device),

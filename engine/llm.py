@@ -135,3 +135,4 @@ def _merge(out: RequestOutput, delta: RequestOutput) -> None:
     out.outputs = [by_index[i] for i in sorted(by_index)]
     out.finished = delta.finished
     out.metrics = delta.metrics
+    out.num_cached_tokens = delta.num_cached_tokens

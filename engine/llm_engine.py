@@ -39,6 +39,7 @@ class PreparedRequest:
     params: SamplingParams
     max_tokens: int
     arrival_time: float
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -59,6 +60,8 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found
 
 
 @dataclass
@@ -75,7 +78,8 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks)
         self.config = self._cap_max_model_len(config, num_blocks)
         self.pool = BlockPool(num_blocks)
-        self.scheduler = Scheduler(self.config.scheduler, config.cache.block_size, self.pool)
+        self.scheduler = Scheduler(self.config.scheduler, config.cache.block_size, self.pool,
+                                   prefix_caching=config.cache.enable_prefix_caching)
         self.eos_token_ids = self.tokenizer.eos_token_ids | config.model.eos_token_ids
         self.vocab_size = config.model.vocab_size
         self.generation_defaults = self._read_generation_defaults()
@@ -131,8 +135,10 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
+        cache_salt: str | None = None,
     ) -> PreparedRequest:
-        """Tokenize and validate. Raises ValidationError with a message fit for the client."""
+        """Tokenize and validate. Raises ValidationError with a message fit for the client. Requests with a
+        cache_salt share prefix-cache blocks only with requests that have the same salt."""
         params = params if params is not None else self.default_sampling_params()
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
@@ -168,7 +174,10 @@ class LLMEngine:
                 f"({self.pool.num_blocks * self.config.cache.block_size} tokens)",
                 "max_tokens",
             )
-        return PreparedRequest(request_id, text, ids, params, max_tokens, arrival_time or time.monotonic())
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValidationError("cache_salt must be a non-empty string", "cache_salt")
+        return PreparedRequest(request_id, text, ids, params, max_tokens, arrival_time or time.monotonic(),
+                               cache_salt)
 
     def add_prepared(self, req: PreparedRequest) -> None:
         if req.request_id in self._requests:
@@ -176,7 +185,7 @@ class LLMEngine:
         seqs, detoks = [], []
         for index in range(req.params.n):
             seq = Sequence(next(self._seq_ids), req.request_id, index, req.prompt_token_ids, req.params,
-                           req.max_tokens, req.arrival_time)
+                           req.max_tokens, req.arrival_time, req.cache_salt)
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(
                 self.tokenizer,
@@ -225,7 +234,7 @@ class LLMEngine:
                 times.first_scheduled = scheduled_at
         sampled_seqs, sampler_out = self.runner.execute(sched.scheduled)
         for seq, n in sched.scheduled:
-            seq.num_computed_tokens += n
+            self.scheduler.advance(seq, n)
         sampled_at = time.monotonic()
         if self.collect_stats:
             self._iteration.step_tokens.append(sched.num_batched_tokens)
@@ -317,7 +326,8 @@ class LLMEngine:
     def _request_output(self, state: _RequestState, completions: list[CompletionOutput], finished: bool) -> RequestOutput:
         req = state.request
         metrics = dataclasses.replace(state.times) if finished else None
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished, metrics)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished, metrics,
+                             num_cached_tokens=state.seqs[0].num_cached_tokens or 0)
 
     def stats(self) -> EngineStats:
         # Counted in requests, not sequences, like vLLM's gauges: an n=4 request is one request.
@@ -330,5 +340,7 @@ class LLMEngine:
             num_kv_blocks=self.pool.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.counters.prompt_tokens,
+            prefix_cache_queries=self.scheduler.prefix_cache_queries,
+            prefix_cache_hits=self.scheduler.prefix_cache_hits,
             generation_tokens_total=self.counters.generation_tokens,
         )

@@ -46,3 +46,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestTimes | None = None  # set on the finished output: when it arrived, was scheduled, ...
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache

@@ -5,6 +5,10 @@ running decodes first (one token each, they keep latency low), then running pref
 chunked, then waiting sequences in arrival order. A prompt longer than what is left of the budget
 is split into chunks over several steps. When the KV pool runs dry, the most recently admitted
 running sequence is preempted: its blocks are freed and it is recomputed later.
+
+With prefix caching, a sequence admitted without KV first takes the longest chain of cached full blocks that
+matches its tokens (always leaving at least one token to compute, so its next token gets fresh logits), and
+every block it fills is registered for later requests once its K/V are computed (advance()).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from engine.block_hash import ROOT, block_key, hash_block
 from engine.config import SchedulerConfig
 from engine.kv_cache import BlockPool, blocks_for
 from engine.sequence import Sequence, SequenceStatus
@@ -34,13 +39,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_size: int, pool: BlockPool):
+    def __init__(self, config: SchedulerConfig, block_size: int, pool: BlockPool, prefix_caching: bool = False):
         self.config = config
         self.block_size = block_size
         self.pool = pool
+        self.prefix_caching = prefix_caching
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: oldest first
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # tokens looked up at admission
+        self.prefix_cache_hits = 0  # of those, tokens found cached
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -68,13 +76,17 @@ class Scheduler:
         # NOTE: no admissions in a step that had to preempt: the pool is already short.
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            n = seq.num_tokens - seq.num_computed_tokens
+            cached = self._cached_prefix(seq)
+            computed = len(cached) * self.block_size
+            n = seq.num_tokens - computed
             if n > budget and not self.config.enable_chunked_prefill:
                 break
             n = min(n, budget)
-            needed = blocks_for(seq.num_computed_tokens + n, self.block_size) - len(seq.block_ids)
-            if needed > self.pool.num_free:
+            needed = blocks_for(computed + n, self.block_size) - len(cached)
+            revived = sum(1 for block in cached if self.pool.ref_count(block) == 0)  # they leave the free count
+            if needed + revived > self.pool.num_free:
                 break  # FCFS: later arrivals never jump ahead of the head of the queue
+            self._admit_cached(seq, cached)
             seq.block_ids.extend(self.pool.allocate(needed))
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -87,6 +99,59 @@ class Scheduler:
         prefills = [(by_id[i], n) for i, n in planned.items() if n > 1]
         out.scheduled = decodes + prefills
         return out
+
+    def advance(self, seq: Sequence, n: int) -> None:
+        """n more tokens of seq have their K/V in the cache: register the blocks that are now full."""
+        seq.num_computed_tokens += n
+        if not self.prefix_caching:
+            return
+        full = seq.num_computed_tokens // self.block_size
+        for i in range(seq.num_registered_blocks, full):
+            block_hash = self._block_hash(seq, i)
+            parent = seq.block_hashes[i - 1] if i else ROOT
+            self.pool.register(seq.block_ids[i], block_hash, block_key(parent, self._block_tokens(seq, i),
+                                                                       seq.cache_salt))
+        seq.num_registered_blocks = max(seq.num_registered_blocks, full)
+
+    # ---- prefix caching ---------------------------------------------------------------------------
+
+    def _block_tokens(self, seq: Sequence, i: int) -> list[int]:
+        return seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
+
+    def _block_hash(self, seq: Sequence, i: int) -> bytes:
+        """Hash of full block i, computing (once) those before it too: each hash chains its parent's."""
+        while len(seq.block_hashes) <= i:
+            j = len(seq.block_hashes)
+            parent = seq.block_hashes[j - 1] if j else ROOT
+            seq.block_hashes.append(hash_block(parent, self._block_tokens(seq, j), seq.cache_salt))
+        return seq.block_hashes[i]
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks holding the longest prefix of seq's tokens, at most all but its last token."""
+        if not self.prefix_caching or seq.block_ids:
+            return []
+        blocks: list[int] = []
+        for i in range((seq.num_tokens - 1) // self.block_size):
+            parent = seq.block_hashes[i - 1] if i else ROOT
+            block = self.pool.lookup(self._block_hash(seq, i),
+                                     block_key(parent, self._block_tokens(seq, i), seq.cache_salt))
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def _admit_cached(self, seq: Sequence, cached: list[int]) -> None:
+        if not self.prefix_caching:
+            return
+        for block in cached:
+            self.pool.acquire(block)
+        hits = len(cached) * self.block_size
+        seq.block_ids.extend(cached)
+        seq.num_computed_tokens, seq.num_registered_blocks = hits, len(cached)
+        self.prefix_cache_queries += seq.num_tokens
+        self.prefix_cache_hits += hits
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = hits
 
     def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput, planned: dict[int, int]) -> bool:
         """Make room for n more tokens of seq, preempting the newest running sequences as needed.
@@ -114,7 +179,7 @@ class Scheduler:
         """Remove a finished or aborted sequence, wherever it is, and return its blocks to the pool."""
         if seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
-            self.pool.free(seq.block_ids)
+            self.pool.free(seq.block_ids[::-1])
             seq.block_ids = []
         elif seq.status is SequenceStatus.RUNNING:
             self._release(seq)
@@ -122,6 +187,8 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.pool.free(seq.block_ids)
+        # Tail first: if these blocks stay cached, the end of the chain is evicted before its start.
+        self.pool.free(seq.block_ids[::-1])
         seq.block_ids = []
         seq.num_computed_tokens = 0
+        seq.num_registered_blocks = 0

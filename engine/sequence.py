@@ -31,6 +31,7 @@ class Sequence:
         params: SamplingParams,
         max_tokens: int,
         arrival_time: float | None = None,
+        cache_salt: str | None = None,
     ):
         self.seq_id = seq_id
         self.request_id = request_id
@@ -44,6 +45,13 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.block_ids: list[int] = []
+        # Prefix caching: only blocks computed under the same salt are shared. block_hashes[i] is the content hash
+        # of full block i (kept across preemption: contents do not change); the first num_registered_blocks of
+        # block_ids are in the pool's table.
+        self.cache_salt = cache_salt
+        self.block_hashes: list[bytes] = []
+        self.num_registered_blocks = 0
+        self.num_cached_tokens: int | None = None  # prompt tokens found in the cache at first admission
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

@@ -88,14 +88,14 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     request_id = new_request_id("chatcmpl")
 
     def prepare():
-        return [ctx.engine.prepare(render_prompt_ids(ctx.tokenizer, req), params, request_id)]
+        return [ctx.engine.prepare(render_prompt_ids(ctx.tokenizer, req), params, request_id,
+                                   cache_salt=req.cache_salt)]
 
     prepared = await ctx.off_loop(prepare)
     log = admit(ctx, request_id, prepared)
-    prompt_tokens = len(prepared[0].prompt_token_ids)
     if req.stream:
         writer = ChunkWriter({"id": request_id, "object": "chat.completion.chunk", "created": now(),
-                              "model": ctx.model_name}, req, prompt_tokens)
+                              "model": ctx.model_name}, req, log)
         return sse_response(ctx, _events(ctx, req, writer, log.streams), log)
 
     async def collect() -> Response:
@@ -112,7 +112,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                 "finish_reason": state.finish_reason,
                 "stop_reason": state.stop_reason,
             } for j, state in enumerate(choices)],
-            "usage": usage_dict(prompt_tokens, sum(len(s.token_ids) for s in choices)),
+            "usage": usage_dict(log, sum(len(s.token_ids) for s in choices)),
             "system_fingerprint": None,
         })
 

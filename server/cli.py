@@ -102,6 +102,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     cache.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                        help="split long prompts over several steps (default: on)")
     cache.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block (default: 16)")
+    cache.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                       help="reuse the KV blocks of prompt prefixes seen before (system prompts, chat history); "
+                            "requests with a cache_salt share only with the same salt (default: on)")
     cache.add_argument("--num-kv-blocks", type=positive_int, default=None,
                        help="KV blocks to allocate; overrides --kv-cache-memory and --gpu-memory-utilization")
     cache.add_argument("--kv-cache-memory", type=_size, default=None,
@@ -119,6 +122,7 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=args.enable_chunked_prefill,
+        enable_prefix_caching=args.enable_prefix_caching,
         attention_backend=args.attention_backend, **extra,
     )
 

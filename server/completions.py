@@ -80,7 +80,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         for i, prompt in enumerate(prompts):
             ids = tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens) if isinstance(prompt, str) \
                 else prompt
-            out.append(ctx.engine.prepare(ids, params, f"{request_id}-{i}"))
+            out.append(ctx.engine.prepare(ids, params, f"{request_id}-{i}", cache_salt=req.cache_salt))
         return out
 
     prepared = await ctx.off_loop(prepare)
@@ -88,10 +88,9 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     if req.echo:
         echoes = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
     log = admit(ctx, request_id, prepared)
-    prompt_tokens = sum(len(p.prompt_token_ids) for p in prepared)
     if req.stream:
         writer = ChunkWriter({"id": request_id, "object": "text_completion", "created": now(),
-                              "model": ctx.model_name}, req, prompt_tokens)
+                              "model": ctx.model_name}, req, log)
         return sse_response(ctx, _events(ctx, req, writer, log.streams, echoes), log)
 
     async def collect() -> Response:
@@ -113,7 +112,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
                 })
         return JSONResponse({
             "id": request_id, "object": "text_completion", "created": now(), "model": ctx.model_name,
-            "choices": body_choices, "usage": usage_dict(prompt_tokens, completion_tokens),
+            "choices": body_choices, "usage": usage_dict(log, completion_tokens),
             "system_fingerprint": None,
         })
 

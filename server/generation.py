@@ -221,9 +221,12 @@ class ChoiceState:
             self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage_dict(log: RequestLog, completion_tokens: int) -> dict[str, Any]:
+    """OpenAI's usage object; cached_tokens counts the prompt tokens whose KV came from the prefix cache."""
+    prompt_tokens = log.prompt_tokens
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": log.cached_tokens}}
 
 
 def now() -> int:
@@ -245,9 +248,9 @@ class ChunkWriter:
     `usage: null` on every chunk and a final usage chunk (include_usage), or usage on every chunk (vLLM's
     continuous_usage_stats)."""
 
-    def __init__(self, base: dict[str, Any], req: SamplingFields, prompt_tokens: int):
+    def __init__(self, base: dict[str, Any], req: SamplingFields, log: RequestLog):
         self.base = base
-        self.prompt_tokens = prompt_tokens
+        self.log = log
         self.completion_tokens = 0
         self.usage_each = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         self.usage_last = bool(req.stream_options and req.stream_options.include_usage)
@@ -255,7 +258,7 @@ class ChunkWriter:
     def event(self, choices: list[dict[str, Any]]) -> str:
         chunk = {**self.base, "choices": choices}
         if self.usage_each:
-            chunk["usage"] = usage_dict(self.prompt_tokens, self.completion_tokens)
+            chunk["usage"] = usage_dict(self.log, self.completion_tokens)
         elif self.usage_last:
             chunk["usage"] = None
         return f"data: {_compact(chunk)}\n\n"
@@ -263,7 +266,7 @@ class ChunkWriter:
     def usage_event(self) -> str | None:
         if not (self.usage_last or self.usage_each):
             return None
-        chunk = {**self.base, "choices": [], "usage": usage_dict(self.prompt_tokens, self.completion_tokens)}
+        chunk = {**self.base, "choices": [], "usage": usage_dict(self.log, self.completion_tokens)}
         return f"data: {_compact(chunk)}\n\n"
 
 

@@ -90,6 +90,14 @@ class RequestLog:
     streams: list[RequestStream]
     log_prompts: bool = False
 
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p.prompt_token_ids) for p in self.prepared)
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(s.num_cached_tokens for s in self.streams)
+
     def fields(self, status: int, tokenizer) -> dict[str, Any]:
         finished = [s.metrics for s in self.streams if s.metrics is not None]
         reasons: list[str] = []
@@ -105,7 +113,8 @@ class RequestLog:
         out: dict[str, Any] = {
             "request_id": self.request_id,
             "status": status,
-            "prompt_tokens": sum(len(p.prompt_token_ids) for p in self.prepared),
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "output_tokens": sum(s.num_output_tokens for s in self.streams),
             # Several prompts in one request: the longest wait and the earliest first token.
             "queue_s": round(max(queues), 6) if queues else None,
@@ -151,7 +160,13 @@ class StatsReporter:
             "waiting": stats.num_waiting,
             "kv_cache_usage_perc": round(stats.kv_cache_usage * 100, 1),
             "preemptions": stats.num_preemptions - last.num_preemptions,
+            "prefix_cache_hit_rate_perc": _hit_rate(stats.prefix_cache_hits - last.prefix_cache_hits,
+                                                    stats.prefix_cache_queries - last.prefix_cache_queries),
         }
+
+
+def _hit_rate(hits: int, queries: int) -> float | None:
+    return round(100 * hits / queries, 1) if queries else None
 
 
 def _busy(stats: EngineStats, last: EngineStats) -> bool:

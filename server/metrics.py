@@ -70,9 +70,8 @@ class _EngineCollector(Collector):
         yield counter("generation_tokens", "Generated tokens.", stats.generation_tokens_total)
         yield counter("num_preemptions", "Sequences preempted (their KV freed, to be recomputed).",
                       stats.num_preemptions)
-        # Prefix caching does not exist yet: the series are exported (0) so dashboards and alerts can be built now.
-        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", 0)
-        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", 0)
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries)
+        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
 
 
 class Metrics:

@@ -21,6 +21,7 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS = 1024
 MAX_PROMPTS = 256  # prompts in one batched completions request
+MAX_CACHE_SALT_CHARS = 1024
 
 # Token ids as JSON may be up to 64-bit; the engine reports the vocabulary range for anything outside it.
 TokenIds = list[int]
@@ -66,6 +67,8 @@ class SamplingFields(_Strict):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS,
+                                   description="Requests share prefix-cache blocks only with requests of the same salt.")
 
 
 class CompletionRequest(SamplingFields):

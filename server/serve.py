@@ -102,8 +102,9 @@ def _log_loaded(engine: LLMEngine, builtin: bool) -> None:
                 params / 1e6, str(cfg.dtype).removeprefix("torch."), cfg.device)
     blocks, block_size = engine.pool.num_blocks, cfg.cache.block_size
     logger.info("KV cache: %d blocks x %d tokens = %d tokens of capacity; max_model_len %d, max_num_seqs %d, "
-                "max_num_batched_tokens %d", blocks, block_size, blocks * block_size, cfg.scheduler.max_model_len,
-                cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens)
+                "max_num_batched_tokens %d, prefix caching %s", blocks, block_size, blocks * block_size,
+                cfg.scheduler.max_model_len, cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens,
+                "on" if cfg.cache.enable_prefix_caching else "off")
     if builtin:
         logger.warning("serving the built-in demo model: its weights are random, so its output is noise. "
                        "Pass --model DIR to serve a real model.")

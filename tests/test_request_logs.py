@@ -83,14 +83,14 @@ def test_line_aggregates_prompts_and_samples():
                                 prompt="first"),
                 SimpleNamespace(params=params, prompt_token_ids=[4, 5], arrival_time=time.monotonic() - 0.5,
                                 prompt=None)]
-    a = SimpleNamespace(num_output_tokens=7, finish_reasons={0: "length", 1: "stop"},
+    a = SimpleNamespace(num_output_tokens=7, finish_reasons={0: "length", 1: "stop"}, num_cached_tokens=0,
                         metrics=RequestTimes(arrival=10.0, first_scheduled=10.5, first_token=11.0))
-    b = SimpleNamespace(num_output_tokens=2, finish_reasons={1: "length"},
+    b = SimpleNamespace(num_output_tokens=2, finish_reasons={1: "length"}, num_cached_tokens=16,
                         metrics=RequestTimes(arrival=20.0, first_scheduled=20.1, first_token=20.2))
     tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens: f"decoded {ids}")
     fields = RequestLog("cmpl-x", prepared, [a, b], log_prompts=True).fields(200, tokenizer)
     assert fields["finish_reason"] == "length,stop,abort"
-    assert (fields["prompt_tokens"], fields["output_tokens"]) == (5, 9)
+    assert (fields["prompt_tokens"], fields["output_tokens"], fields["cached_tokens"]) == (5, 9, 16)
     assert fields["queue_s"] == 0.5 and fields["ttft_s"] == pytest.approx(0.2)
     assert fields["e2e_s"] >= 1.0
     assert fields["prompt"] == ["first", "decoded [4, 5]"]
@@ -181,9 +181,11 @@ def test_stats_reporter_rates_and_silence_when_idle():
     reporter = StatsReporter(engine, now=0.0)
     assert reporter.report(now=10.0) is None  # idle: nothing to say
     engine.now = EngineStats(num_running=3, num_waiting=2, kv_cache_usage=0.25, num_kv_blocks=10,
-                             num_preemptions=4, prompt_tokens_total=1000, generation_tokens_total=500)
+                             num_preemptions=4, prompt_tokens_total=1000, generation_tokens_total=500,
+                             prefix_cache_queries=1000, prefix_cache_hits=250)
     assert reporter.report(now=20.0) == {"prompt_throughput_tok_s": 100.0, "generation_throughput_tok_s": 50.0,
-                                         "running": 3, "waiting": 2, "kv_cache_usage_perc": 25.0, "preemptions": 4}
+                                         "running": 3, "waiting": 2, "kv_cache_usage_perc": 25.0, "preemptions": 4,
+                                         "prefix_cache_hit_rate_perc": 25.0}
     engine.now = EngineStats(num_running=0, num_waiting=0, kv_cache_usage=0.0, num_kv_blocks=10,
                              num_preemptions=4, prompt_tokens_total=1000, generation_tokens_total=700)
     report = reporter.report(now=25.0)  # finished during the interval: still reported once
