@@ -10,6 +10,7 @@ import torch
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_dtype
 from engine.errors import ValidationError
+from kernels.backend import choose_attention_backend
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -104,6 +105,10 @@ class EngineArgs:
                 f"without chunked prefill, max_num_batched_tokens ({batched}) must be >= max_model_len ({max_model_len})",
                 "max_num_batched_tokens",
             )
+        try:  # a bad or unavailable choice is the user's input: report it as such, before the model loads
+            choose_attention_backend(self.attention_backend, device)
+        except (ValueError, RuntimeError) as exc:
+            raise ValidationError(str(exc), "attention_backend") from None
         return EngineConfig(
             model=model,
             cache=CacheConfig(self.block_size, self.num_kv_blocks, kv_memory, self.gpu_memory_utilization,

@@ -31,6 +31,7 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.model = load_model(config.model, config.device, config.dtype)
         self.backend = get_attention_backend(config.attention_backend, config.device)
+        logger.info("attention backend %s", self.backend.selection_reason)
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0

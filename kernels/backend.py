@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from importlib import import_module
 from typing import Any, Callable
 
 import torch
@@ -51,6 +52,7 @@ def segment_offsets(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class AttentionBackend(ABC):
     name: str = ""
+    selection_reason: str = ""  # set by get_attention_backend
 
     @abstractmethod
     def plan(self, layout: BatchLayout) -> Any:
@@ -75,6 +77,9 @@ class AttentionBackend(ABC):
 
 
 _REGISTRY: dict[str, Callable[[], AttentionBackend]] = {}
+# Built-in backends register themselves on import; they are imported only when chosen, so a missing
+# optional dependency (triton) costs nothing until asked for.
+_BUILTIN = {"sdpa": "kernels.sdpa", "triton": "kernels.triton_backend"}
 
 
 def register_backend(name: str) -> Callable[[type[AttentionBackend]], type[AttentionBackend]]:
@@ -87,15 +92,72 @@ def register_backend(name: str) -> Callable[[type[AttentionBackend]], type[Atten
 
 
 def available_backends() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(_BUILTIN))
+
+
+def _load_triton() -> str:
+    """Import the Triton backend and return triton's version; RuntimeError says what is missing."""
+    try:
+        import_module("kernels.triton_backend")
+    except ImportError as exc:
+        if exc.name == "triton":
+            raise RuntimeError("the triton package is not installed") from exc
+        raise RuntimeError(f"the Triton kernels failed to import ({exc})") from exc
+    except (RuntimeError, OSError) as exc:  # a triton install that cannot find its driver or toolchain
+        raise RuntimeError(f"triton failed to load ({exc})") from exc
+    import triton
+
+    return triton.__version__
+
+
+def choose_attention_backend(name: str | None, device: torch.device) -> tuple[str, str]:
+    """(backend name, one-line reason). name None or "auto": triton on CUDA when it imports, else sdpa."""
+    device = torch.device(device)
+    if name in (None, "auto"):
+        if device.type != "cuda":
+            return "sdpa", f"sdpa: {device.type.upper()} device"
+        try:
+            version = _load_triton()
+        except RuntimeError as exc:
+            return "sdpa", f"sdpa: CUDA device, but {exc}"
+        from kernels.triton_common import interpreter_enabled
+
+        if interpreter_enabled():
+            return "sdpa", "sdpa: CUDA device, but TRITON_INTERPRET is set (triton would run on the CPU)"
+        return "triton", f"triton: CUDA device and triton {version} available"
+    if name not in available_backends():
+        raise ValueError(
+            f"unknown attention backend {name!r}; available: {', '.join(available_backends())}, "
+            "or 'auto' (triton on CUDA when installed, else sdpa)"
+        )
+    if name != "triton":
+        return name, f"{name}: requested"
+    try:
+        version = _load_triton()
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"attention backend 'triton' is unavailable: {exc}; install triton (pip install triton) "
+            "or use attention backend 'sdpa'"
+        ) from exc
+    if device.type == "cuda":
+        return name, f"triton: requested, triton {version} on CUDA"
+    from kernels.triton_common import interpreter_enabled
+
+    if not interpreter_enabled():
+        raise RuntimeError(
+            f"attention backend 'triton' on a {device.type} device runs only through the Triton interpreter "
+            "(slow, for tests): start the process with TRITON_INTERPRET=1 (triton reads it when first "
+            "imported), or use attention backend 'sdpa'"
+        )
+    return name, f"triton: requested, triton {version} interpreter on {device.type.upper()} (slow)"
 
 
 def get_attention_backend(name: str | None, device: torch.device) -> AttentionBackend:
-    """name=None picks the device default. The SDPA path is the default everywhere until a faster one is registered."""
-    from kernels import sdpa  # noqa: F401  (registers the reference backend)
-
-    if name is None:
-        name = "sdpa"
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(available_backends())}")
-    return _REGISTRY[name]()
+    """The backend for `name` ("sdpa", "triton", "auto" or None) on `device`. Its `selection_reason`
+    says in one line what was picked and why, for the engine's log."""
+    chosen, reason = choose_attention_backend(name, device)
+    if chosen in _BUILTIN:
+        import_module(_BUILTIN[chosen])
+    backend = _REGISTRY[chosen]()
+    backend.selection_reason = reason
+    return backend

@@ -112,7 +112,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     cache.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9,
                        help="fraction of GPU memory for weights, activations and KV cache (default: 0.9)")
     cache.add_argument("--attention-backend", default=None,
-                       help="attention implementation (default: the best for the device)")
+                       help="auto (default: triton on CUDA when installed, else sdpa), sdpa, or triton")
 
 
 def engine_args_from(args: argparse.Namespace) -> EngineArgs:

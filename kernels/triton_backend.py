@@ -1,0 +1,148 @@
+"""The Triton attention backend: kernels that read the paged KV cache through the block table, with
+no gather copy.
+
+plan() turns the step's layout into a few int32 device tensors, once per step. forward(), per layer,
+writes the new K/V, then runs the decode rows (query length 1) through the split-KV decode kernel and
+the prefill-chunk rows through the extend kernel, or through torch's varlen_attn where that is
+detected to work for this configuration.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+import torch
+
+from kernels.backend import AttentionBackend, BatchLayout, register_backend
+from kernels.triton_decode import MIN_KEYS_PER_SPLIT, alloc_partials, choose_num_splits, paged_decode_attention
+from kernels.triton_extend import paged_extend_attention
+from kernels.triton_kv_write import write_kv_triton
+from kernels.varlen_extend import (
+    VarlenArgs,
+    build_varlen_args,
+    varlen_api,
+    varlen_extend_attention,
+    varlen_unsupported,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device, off_cuda: int) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return off_cuda
+
+
+@dataclass
+class TritonMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64
+    seq_lens: torch.Tensor  # [num_seqs] int32 context lengths
+    query_start: torch.Tensor  # [num_seqs + 1] int32 first row of each sequence
+    decode_seqs: torch.Tensor  # [num_decodes] int32 sequences with one query token
+    prefill_seqs: torch.Tensor  # [num_prefills] int32 sequences with a prefill chunk
+    max_decode_context: int
+    max_prefill_query: int
+    num_sms: int
+    min_keys_per_split: int
+    varlen: VarlenArgs | None  # the chunks in varlen_attn's terms, where it may apply
+    _splits: dict[int, int] = field(default_factory=dict)
+
+    def num_splits(self, num_kv_heads: int) -> int:
+        """Split-KV count for this step's decodes; the same for every layer of a model."""
+        if num_kv_heads not in self._splits:
+            self._splits[num_kv_heads] = choose_num_splits(
+                self.decode_seqs.numel(), num_kv_heads, self.max_decode_context, self.num_sms, self.min_keys_per_split
+            )
+        return self._splits[num_kv_heads]
+
+
+@register_backend("triton")
+class TritonBackend(AttentionBackend):
+    min_keys_per_split = MIN_KEYS_PER_SPLIT
+    # Off CUDA (the interpreter, in tests) there is no SM count; a small one keeps splitting exercised.
+    num_sms_off_cuda = 4
+
+    def __init__(self) -> None:
+        self._partials: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._varlen_ok: bool | None = None  # unknown until the first prefill shows the configuration
+
+    def plan(self, layout: BatchLayout) -> TritonMetadata:
+        device = layout.slot_mapping.device
+        q_lens, ctx_lens = layout.query_lens, layout.context_lens
+        query_start = [0, *accumulate(q_lens)]
+        decodes = [i for i, n in enumerate(q_lens) if n == 1]
+        prefills = [i for i, n in enumerate(q_lens) if n > 1]
+        packed = torch.tensor([*ctx_lens, *query_start, *decodes, *prefills], dtype=torch.int32).to(device)
+        seq_lens, query_start_t, decode_seqs, prefill_seqs = packed.split(
+            [len(ctx_lens), len(query_start), len(decodes), len(prefills)]
+        )
+        varlen = None
+        if prefills and self._varlen_ok is not False and device.type == "cuda" and varlen_api() is not None:
+            varlen = build_varlen_args(q_lens, ctx_lens, prefills, query_start, layout.block_tables, device)
+        return TritonMetadata(
+            slot_mapping=layout.slot_mapping,
+            block_tables=layout.block_tables.contiguous(),  # the kernels step along a row by 1
+            seq_lens=seq_lens,
+            query_start=query_start_t,
+            decode_seqs=decode_seqs,
+            prefill_seqs=prefill_seqs,
+            max_decode_context=max((ctx_lens[i] for i in decodes), default=0),
+            max_prefill_query=max((q_lens[i] for i in prefills), default=0),
+            num_sms=_num_sms(device, self.num_sms_off_cuda),
+            min_keys_per_split=self.min_keys_per_split,
+            varlen=varlen,
+        )
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: TritonMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        write_kv_triton(k_cache, v_cache, k, v, metadata.slot_mapping)
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        out = torch.empty_like(q)
+        m = metadata
+        if m.decode_seqs.numel():
+            splits = m.num_splits(k_cache.shape[2])
+            partials = self._partials_for(m.decode_seqs.numel(), q) if splits > 1 else None
+            paged_decode_attention(
+                out, q, k_cache, v_cache, m.block_tables, m.seq_lens, m.query_start, m.decode_seqs,
+                scale, sliding_window, splits, partials,
+            )
+        if m.prefill_seqs.numel():
+            if m.varlen is not None and self._varlen_works(q, k_cache):
+                varlen_extend_attention(out, q, k_cache, v_cache, m.varlen, scale, sliding_window)
+            else:
+                paged_extend_attention(
+                    out, q, k_cache, v_cache, m.block_tables, m.seq_lens, m.query_start, m.prefill_seqs,
+                    m.max_prefill_query, scale, sliding_window,
+                )
+        return out
+
+    def _partials_for(self, rows: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Grow-only, so steady-state decoding allocates nothing and the buffers keep their addresses.
+        num_heads, head_dim = q.shape[1:]
+        part = self._partials
+        if part is None or part[0].shape[0] < rows or part[0].shape[1] != num_heads or part[0].shape[3] != head_dim:
+            self._partials = part = alloc_partials(rows, num_heads, head_dim, q.device)
+        return part
+
+    def _varlen_works(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        reason = varlen_unsupported(q.device, k_cache.dtype, k_cache.shape[1], q.shape[1], k_cache.shape[2], q.shape[2])
+        if self._varlen_ok is None:
+            logger.info("prefill attention: %s", "torch varlen_attn" if reason is None else f"Triton kernel ({reason})")
+        self._varlen_ok = reason is None
+        return self._varlen_ok
