@@ -279,3 +279,5 @@ class EngineConfig:
     dtype: torch.dtype
     seed: int = 0
     attention_backend: str | None = None  # None: the default for the device
+    load_format: str = "auto"  # "auto"/"safetensors": the checkpoint's weights; "dummy": random, from config.json
+    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps

@@ -12,6 +12,9 @@ from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfi
 from engine.errors import ValidationError
 from kernels.backend import choose_attention_backend
 
+# "dummy" builds the model from config.json with random weights (benchmarks of published shapes, as in vLLM).
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
@@ -56,6 +59,8 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     attention_backend: str | None = None
+    load_format: str = "auto"
+    enforce_eager: bool = False
 
     @classmethod
     def from_kwargs(cls, model: str | Path | None = None, **kwargs) -> EngineArgs:
@@ -105,6 +110,9 @@ class EngineArgs:
                 f"without chunked prefill, max_num_batched_tokens ({batched}) must be >= max_model_len ({max_model_len})",
                 "max_num_batched_tokens",
             )
+        if self.load_format not in LOAD_FORMATS:
+            raise ValidationError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}",
+                                  "load_format")
         try:  # a bad or unavailable choice is the user's input: report it as such, before the model loads
             choose_attention_backend(self.attention_backend, device)
         except (ValueError, RuntimeError) as exc:
@@ -118,6 +126,8 @@ class EngineArgs:
             dtype=parse_dtype(self.dtype, device),
             seed=self.seed,
             attention_backend=self.attention_backend,
+            load_format=self.load_format,
+            enforce_eager=self.enforce_eager,
         )
 
 

@@ -19,12 +19,12 @@ from engine.engine_args import EngineArgs
 from engine.errors import ValidationError
 from engine.kv_cache import BlockPool, blocks_for
 from engine.model_runner import ModelRunner
+from engine.models.dummy import tokenizer_for
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.stats import FinishedRequestStats, IterationStats, RequestTimes
-from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class _Counters:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
-        self.tokenizer = Tokenizer.from_dir(config.model.path)
+        self.tokenizer = tokenizer_for(config.model, config.load_format)
         self.runner = ModelRunner(config)
         num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)

@@ -4,6 +4,11 @@ The batch is flat: all new tokens of all sequences in one [num_tokens] row, so t
 no padding work. Only attention pads, inside the backend. Logits are computed only for the rows that
 sample this step (the last token of each sequence that has caught up), which skips the LM head for
 partial prefill chunks and for every prompt token but the last.
+
+On CUDA a step never waits for the device until the sampled tokens come back: the batch is built in
+preallocated pinned buffers and copied without blocking (engine/step_inputs.py), and pure decode
+steps replay a CUDA graph captured at start-up (engine/cuda_graphs.py) instead of launching the
+forward kernel by kernel.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ import logging
 import torch
 
 from engine.config import EngineConfig
-from engine.kv_cache import allocate_kv_tensors, bytes_per_block
+from engine.cuda_graphs import DecodeGraphs, capture_sizes, cuda_graphs_unavailable, padded_size
+from engine.kv_cache import allocate_kv_tensors, blocks_for, bytes_per_block
 from engine.models.common import ForwardContext
 from engine.models.loader import load_model
 from engine.sampler import Sampler, SamplerOutput
 from engine.sequence import Sequence
-from kernels.backend import BatchLayout, get_attention_backend, segment_offsets
+from engine.step_inputs import StepBatch, StepInputs
+from kernels.backend import BatchLayout, get_attention_backend
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +36,18 @@ class ModelRunner:
         self.device = config.device
         self.block_size = config.cache.block_size
         torch.manual_seed(config.seed)
-        self.model = load_model(config.model, config.device, config.dtype)
+        self.model = load_model(config.model, config.device, config.dtype, config.load_format, config.seed)
         self.backend = get_attention_backend(config.attention_backend, config.device)
         logger.info("attention backend %s", self.backend.selection_reason)
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
+        self.max_context_len = 0  # the longest context a sequence can reach with this pool
+        self.inputs: StepInputs | None = None
+        self.graphs: DecodeGraphs | None = None
+        # Pure decode batches are padded up to one of these sizes (ascending; empty: never padded). They
+        # are the captured sizes when graphs are in use; tests set them to run the padded path eagerly.
+        self.decode_sizes: list[int] = []
 
     @property
     def num_parameters(self) -> int:
@@ -51,10 +64,73 @@ class ModelRunner:
         return max(1, self._profile_free_cuda_memory() // per_block)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """The KV cache for a pool of num_blocks, plus the padding block, the step buffers and (CUDA) the
+        decode graphs. Graphs hold the addresses of the cache and the buffers, so they are captured here,
+        whenever those are (re)allocated."""
+        self.graphs = None
+        self.decode_sizes = []
+        # One block past the pool's: the padding block of padded decode batches (engine/step_inputs.py).
         self.kv_caches = allocate_kv_tensors(
-            self.config.model, num_blocks, self.block_size, self.config.dtype, self.device
+            self.config.model, num_blocks + 1, self.block_size, self.config.dtype, self.device
         )
         self.num_blocks = num_blocks
+        sched = self.config.scheduler
+        self.max_context_len = min(sched.max_model_len, num_blocks * self.block_size)
+        self.inputs = StepInputs(
+            max_tokens=sched.max_num_batched_tokens,
+            max_seqs=sched.max_num_seqs,
+            max_blocks_per_seq=blocks_for(self.max_context_len, self.block_size),
+            block_size=self.block_size,
+            padding_block=num_blocks,
+            device=self.device,
+        )
+        self._capture_decode_graphs()
+
+    @torch.inference_mode()
+    def _capture_decode_graphs(self) -> None:
+        reason = cuda_graphs_unavailable(self.config, self.backend)
+        if reason is not None:
+            if self.device.type == "cuda":
+                logger.info("CUDA graphs off: %s; decode steps run eagerly", reason)
+            return
+        sched = self.config.scheduler
+        # A decode batch is bounded by the token budget as well as by max_num_seqs.
+        sizes = capture_sizes(min(sched.max_num_seqs, sched.max_num_batched_tokens))
+        try:
+            self.graphs, report = DecodeGraphs.capture(
+                sizes, self.config.model.vocab_size, self.device, self._plan_padding_batch, self._decode_logits
+            )
+        except Exception as exc:  # noqa: BLE001 - serving eagerly beats not serving; the reason is logged
+            self.graphs = None
+            logger.warning("CUDA graph capture failed (%s: %s); decode steps run eagerly. --enforce-eager skips "
+                           "the attempt", type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
+            torch.cuda.synchronize(self.device)
+            return
+        self.decode_sizes = sizes
+        logger.info(
+            "CUDA graphs: captured %d decode batch sizes (1 to %d) in %.1f s; they take %.2f GiB of device memory",
+            len(sizes), sizes[-1], report.seconds, report.memory_bytes / 2**30,
+        )
+
+    def _plan_padding_batch(self, size: int):
+        """Fill the step buffers with `size` padding rows and plan attention for that graph size."""
+        self.inputs.prepare([], [], size)
+        return self._plan_padded_decode(size)
+
+    def _plan_padded_decode(self, size: int):
+        inputs = self.inputs
+        return self.backend.plan_graph_decode(
+            inputs.slot_mapping.device[:size],
+            inputs.block_tables.device[:size],  # whole rows: replays may bring longer tables
+            inputs.seq_lens.device[:size],
+            self.max_context_len,
+        )
+
+    def _decode_logits(self, size: int, metadata) -> torch.Tensor:
+        """The forward a decode graph captures: the first `size` rows of the step buffers -> logits."""
+        ctx = ForwardContext(self.backend, metadata, self.kv_caches)
+        hidden = self.model(self.inputs.input_ids.device[:size], self.inputs.positions.device[:size], ctx)
+        return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def _profile_free_cuda_memory(self) -> int:
@@ -67,7 +143,9 @@ class ModelRunner:
         seq_len = min(sched.max_model_len, sched.max_num_batched_tokens)
         num_seqs = max(1, min(sched.max_num_seqs, sched.max_num_batched_tokens // seq_len))
         blocks_per_seq = -(-seq_len // self.block_size)
-        self.allocate_kv_cache(num_seqs * blocks_per_seq)
+        self.kv_caches = allocate_kv_tensors(
+            self.config.model, num_seqs * blocks_per_seq, self.block_size, self.config.dtype, self.device
+        )
         tables = torch.arange(num_seqs * blocks_per_seq).view(num_seqs, blocks_per_seq)
         positions = torch.arange(seq_len).repeat(num_seqs)
         layout = BatchLayout(
@@ -96,30 +174,9 @@ class ModelRunner:
             )
         return budget
 
-    def _layout(self, scheduled: list[tuple[Sequence, int]]) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
-        bs = self.block_size
-        query_lens = [n for _, n in scheduled]
-        starts = [s.num_computed_tokens for s, _ in scheduled]
-        context_lens = [c + n for c, n in zip(starts, query_lens)]
-        tokens: list[int] = []
-        for (seq, n), c in zip(scheduled, starts):
-            tokens.extend(seq.token_ids[c : c + n])
-        width = max(len(s.block_ids) for s, _ in scheduled)
-        tables = torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s, _ in scheduled], dtype=torch.long)
-        seq_of_token, offset = segment_offsets(torch.tensor(query_lens))
-        positions = torch.tensor(starts)[seq_of_token] + offset
-        slots = tables[seq_of_token, positions // bs] * bs + positions % bs
-        dev = self.device
-        layout = BatchLayout(query_lens, context_lens, tables.to(dev), slots.to(dev), bs)
-        return layout, torch.tensor(tokens, dtype=torch.long).to(dev), positions.to(dev)
-
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], SamplerOutput | None]:
         """Run one step. Returns the sequences that sampled a token and the sampler's output for them (in order)."""
-        layout, input_ids, positions = self._layout(scheduled)
-        ctx = ForwardContext(self.backend, self.backend.plan(layout), self.kv_caches)
-        hidden = self.model(input_ids, positions, ctx)
-
         sampling: list[Sequence] = []
         rows: list[int] = []
         end = 0
@@ -128,7 +185,43 @@ class ModelRunner:
             if seq.num_computed_tokens + n == seq.num_tokens:
                 sampling.append(seq)
                 rows.append(end - 1)
+        padded = self._padded_decode_size(scheduled, sampling)
+        batch = self.inputs.prepare(scheduled, rows, padded or len(scheduled))
+        if padded is not None:
+            logits = self._padded_decode(batch)[: batch.num_seqs]
+        else:
+            logits = self._eager_forward(batch, bool(sampling))
         if not sampling:
             return [], None
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         return sampling, self.sampler(logits, sampling)
+
+    def _padded_decode_size(self, scheduled: list[tuple[Sequence, int]], sampling: list[Sequence]) -> int | None:
+        """The padded size for a pure decode step (every sequence computes exactly its newest token), or
+        None: not pure decode, padding off, or larger than the largest size."""
+        if not self.decode_sizes or len(sampling) != len(scheduled) or any(n != 1 for _, n in scheduled):
+            return None
+        return padded_size(len(scheduled), self.decode_sizes)
+
+    def _padded_decode(self, batch: StepBatch) -> torch.Tensor:
+        """Logits of every row (padding included) of a padded decode batch: by graph where captured."""
+        if self.graphs is not None:
+            return self.graphs.replay(batch.num_rows)
+        if self.backend.cuda_graph_unsupported() is None:
+            metadata = self._plan_padded_decode(batch.num_rows)  # what the graph would have used
+        else:
+            metadata = self.backend.plan(self._layout(batch))
+        return self._decode_logits(batch.num_rows, metadata)
+
+    def _eager_forward(self, batch: StepBatch, need_logits: bool) -> torch.Tensor | None:
+        ctx = ForwardContext(self.backend, self.backend.plan(self._layout(batch)), self.kv_caches)
+        hidden = self.model(batch.input_ids, batch.positions, ctx)
+        if not need_logits:
+            return None
+        if batch.logits_rows is not None:
+            hidden = hidden.index_select(0, batch.logits_rows)
+        return self.model.compute_logits(hidden)
+
+    def _layout(self, batch: StepBatch) -> BatchLayout:
+        return BatchLayout(batch.query_lens, batch.context_lens, batch.block_tables, batch.slot_mapping,
+                           self.block_size, seq_lens=batch.seq_lens, query_start=batch.query_start)
+

@@ -6,8 +6,13 @@ Order of operations (vLLM / OpenAI / HF conventions):
 
 Every step works on the whole batch at once with per-row parameter tensors; Python only loops over
 rows to collect parameters (and over seeded rows to draw their noise). A step nobody in the batch
-asked for is skipped. Host-to-device copies go through pinned memory without blocking, so the only
-point where the host waits for the device is the final `.tolist()`.
+asked for is skipped. Host-to-device copies go through pinned memory without blocking, nothing reads
+a value back early (no .item(), no boolean-mask indexing, no nonzero), and the results (token ids,
+plus logprobs when asked) come back in one copy at the end: the only point where the host waits.
+
+Seeded rows are the exception to "all on the device": each draws its noise from its own CPU
+generator (so its samples do not depend on the batch), which costs O(vocab) host work and a
+vocab-sized host-to-device copy per seeded row per step.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
+from kernels.transfer import to_device
 
 
 @dataclass
@@ -37,9 +43,26 @@ class Sampler:
         processed = apply_logit_processors(logits, seqs)
         token_ids = _choose_tokens(processed, seqs)
         logprob_tensors = _raw_logprobs(logits, token_ids, seqs)
-        # Everything above is queued; the first .tolist() is the step's one wait on the device.
-        tokens = token_ids.tolist()
-        return SamplerOutput(tokens, _logprob_outputs(logprob_tensors, tokens, seqs))
+        # Everything above is only queued on the device; this is the step's one copy back and one wait.
+        if logprob_tensors is None:
+            return SamplerOutput(copy_to_host(token_ids), [None] * len(seqs))
+        return _unpack(copy_to_host(_pack(token_ids, logprob_tensors)), logprob_tensors, seqs)
+
+
+def copy_to_host(values: torch.Tensor) -> list:
+    """values.tolist(), waiting for the device only until this copy is done.
+
+    On CUDA it waits on an event after a queued copy into pinned memory rather than calling .tolist()
+    on the device tensor: the same single wait, but not a stream synchronize, so a test can run the
+    step under torch.cuda.set_sync_debug_mode("error") and catch any other wait."""
+    if values.device.type != "cuda":
+        return values.tolist()
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    copied.synchronize()
+    return host.tolist()
 
 
 def apply_logit_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -57,39 +80,33 @@ def apply_logit_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.
 
     # A copy, because the caller still needs the raw logits for logprobs.
     out = logits.to(torch.float32, copy=True)
-    device = out.device
+    device, vocab = out.device, out.shape[-1]
+    # NOTE: (row, token) updates go through scatter on the flattened rows, not index_put_: on CUDA some
+    # torch versions range-check index_put_(accumulate=True) indices with .item(), a host sync, where
+    # scatter checks them inside the kernel.
     if bias_rows:
-        entries = [(i, tok, bias) for i in bias_rows for tok, bias in params[i].logit_bias.items()]
-        rows, toks, biases = zip(*entries)
-        out.index_put_(
-            (_device_tensor(rows, torch.long, device), _device_tensor(toks, torch.long, device)),
-            _device_tensor(biases, torch.float32, device),
-            accumulate=True,
-        )
+        entries = [(i * vocab + tok, bias) for i in bias_rows for tok, bias in params[i].logit_bias.items()]
+        flat, biases = zip(*entries)
+        out.view(-1).scatter_add_(0, to_device(flat, torch.long, device), to_device(biases, torch.float32, device))
     if banned_rows:
         # eos is masked even with ignore_eos: min_tokens is a floor on length whatever ends the sequence.
-        entries = [
-            (i, tok) for i in banned_rows for tok in params[i].eos_token_ids | set(params[i].stop_token_ids or ())
-        ]
-        if entries:
-            rows, toks = zip(*entries)
-            index = (_device_tensor(rows, torch.long, device), _device_tensor(toks, torch.long, device))
-            out.index_put_(index, out.new_full((), float("-inf")))
+        flat = [i * vocab + tok for i in banned_rows
+                for tok in params[i].eos_token_ids | set(params[i].stop_token_ids or ())]
+        if flat:
+            out.view(-1).scatter_(0, to_device(flat, torch.long, device), float("-inf"))
     if repetition_rows:
         seen = torch.zeros(out.shape, dtype=torch.bool, device=device)
         history = [chain(seqs[i].prompt_token_ids, seqs[i].output_token_ids) for i in repetition_rows]
-        index = _flat_token_index(repetition_rows, history, device)
-        seen.index_put_(index, torch.ones((), dtype=torch.bool, device=device))
-        penalty = _device_tensor([p.repetition_penalty for p in params], torch.float32, device)[:, None]
+        seen.view(-1).scatter_(0, _flat_token_index(repetition_rows, history, vocab, device), True)
+        penalty = to_device([p.repetition_penalty for p in params], torch.float32, device)[:, None]
         penalized = torch.where(out > 0, out / penalty, out * penalty)
         out = torch.where(seen, penalized, out)
     if occurrence_rows:
         counts = torch.zeros(out.shape, dtype=torch.float32, device=device)
-        index = _flat_token_index(occurrence_rows, [seqs[i].output_token_ids for i in occurrence_rows], device)
-        # One value per index entry, not a broadcast scalar: the plainest accumulate form on every backend.
-        counts.index_put_(index, torch.ones_like(index[1], dtype=torch.float32), accumulate=True)
-        presence = _device_tensor([p.presence_penalty for p in params], torch.float32, device)[:, None]
-        frequency = _device_tensor([p.frequency_penalty for p in params], torch.float32, device)[:, None]
+        index = _flat_token_index(occurrence_rows, [seqs[i].output_token_ids for i in occurrence_rows], vocab, device)
+        counts.view(-1).scatter_add_(0, index, torch.ones_like(index, dtype=torch.float32))
+        presence = to_device([p.presence_penalty for p in params], torch.float32, device)[:, None]
+        frequency = to_device([p.frequency_penalty for p in params], torch.float32, device)[:, None]
         out = out - frequency * counts - presence * (counts > 0)
     return out
 
@@ -103,12 +120,12 @@ def sampling_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     params = [s.params for s in seqs]
     device = logits.device
     if any(p.temperature != 1.0 for p in params):
-        logits = logits / _device_tensor([p.temperature for p in params], torch.float32, device)[:, None]
+        logits = logits / to_device([p.temperature for p in params], torch.float32, device)[:, None]
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
         logits = _top_k_top_p(logits, params)
     probs = logits.softmax(dim=-1)
     if any(p.min_p > 0.0 for p in params):
-        min_p = _device_tensor([p.min_p for p in params], torch.float32, device)[:, None]
+        min_p = to_device([p.min_p for p in params], torch.float32, device)[:, None]
         probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
@@ -131,7 +148,7 @@ def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
         # top_p = 1 must keep everything, but rounding can push the cumulative sum to 1 early.
         top_p = [p.top_p if p.top_p < 1.0 else float("inf") for p in params]
         sorted_logits = sorted_logits.masked_fill(
-            mass_before >= _device_tensor(top_p, torch.float32, logits.device)[:, None], float("-inf")
+            mass_before >= to_device(top_p, torch.float32, logits.device)[:, None], float("-inf")
         )
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
@@ -140,7 +157,7 @@ def _mask_beyond_top_k(sorted_logits: torch.Tensor, params: list[SamplingParams]
     """-inf from position top_k on (rows sorted descending). By position rather than by the k-th value,
     so ties at the boundary still keep exactly k."""
     width = sorted_logits.shape[-1]
-    top_k = _device_tensor([p.top_k if p.top_k > 0 else width for p in params], torch.long, sorted_logits.device)
+    top_k = to_device([p.top_k if p.top_k > 0 else width for p in params], torch.long, sorted_logits.device)
     positions = torch.arange(width, device=sorted_logits.device)
     return sorted_logits.masked_fill(positions >= top_k[:, None], float("-inf"))
 
@@ -153,7 +170,7 @@ def _choose_tokens(processed: torch.Tensor, seqs: list[Sequence]) -> torch.Tenso
         return _sample(processed, seqs)
     tokens = processed.argmax(dim=-1)
     sampled_rows = [i for i, g in enumerate(greedy) if not g]
-    index = _device_tensor(sampled_rows, torch.long, processed.device)
+    index = to_device(sampled_rows, torch.long, processed.device)
     sampled = _sample(processed.index_select(0, index), [seqs[i] for i in sampled_rows])
     return tokens.index_copy_(0, index, sampled)
 
@@ -180,7 +197,7 @@ def _exponential_noise(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tenso
         if noise is None:
             noise = seeded_noise
         else:
-            noise.index_copy_(0, _device_tensor(seeded, torch.long, device), seeded_noise)
+            noise.index_copy_(0, to_device(seeded, torch.long, device), seeded_noise)
     # exponential_ can return 0 on some backends; 0/0 on a dropped token would be NaN and win argmax.
     return noise.clamp_min_(torch.finfo(torch.float32).tiny)
 
@@ -199,7 +216,7 @@ def _raw_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, seqs: list[Sequ
     if not rows:
         return None
     if len(rows) < len(seqs):
-        index = _device_tensor(rows, torch.long, logits.device)
+        index = to_device(rows, torch.long, logits.device)
         logits, token_ids = logits.index_select(0, index), token_ids.index_select(0, index)
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(1, token_ids[:, None])
@@ -209,36 +226,39 @@ def _raw_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, seqs: list[Sequ
     return _LogprobTensors(rows, chosen.squeeze(1), ranks, top_logprobs, top_ids)
 
 
-def _logprob_outputs(
-    tensors: _LogprobTensors | None, tokens: list[int], seqs: list[Sequence]
-) -> list[TokenLogprob | None]:
-    outputs: list[TokenLogprob | None] = [None] * len(seqs)
-    if tensors is None:
-        return outputs
-    chosen, ranks = tensors.chosen.tolist(), tensors.ranks.tolist()
-    top_logprobs, top_ids = tensors.top_logprobs.tolist(), tensors.top_ids.tolist()
-    for j, i in enumerate(tensors.rows):
+def _pack(token_ids: torch.Tensor, t: _LogprobTensors) -> torch.Tensor:
+    """Token ids and logprob results in one float64 row, for a single copy. Lossless: ids and ranks
+    are far below 2**53, and float32 logprobs widen exactly (tolist() would widen them anyway)."""
+    parts = (token_ids, t.chosen, t.ranks, t.top_logprobs.flatten(), t.top_ids.flatten())
+    return torch.cat([p.to(torch.float64) for p in parts])
+
+
+def _unpack(values: list[float], t: _LogprobTensors, seqs: list[Sequence]) -> SamplerOutput:
+    num_rows, num_lp, num_top = len(seqs), len(t.rows), t.top_ids.shape[-1]
+    tokens = [int(v) for v in values[:num_rows]]
+    chosen = values[num_rows : num_rows + num_lp]
+    ranks = values[num_rows + num_lp : num_rows + 2 * num_lp]
+    top_start = num_rows + 2 * num_lp
+    top_logprobs = values[top_start : top_start + num_lp * num_top]
+    top_ids = values[top_start + num_lp * num_top :]
+    outputs: list[TokenLogprob | None] = [None] * num_rows
+    for j, i in enumerate(t.rows):
         n = seqs[i].params.logprobs
-        top = list(zip(top_ids[j][:n], top_logprobs[j][:n]))
-        outputs[i] = TokenLogprob(token_id=tokens[i], logprob=chosen[j], rank=ranks[j], top=top)
-    return outputs
+        first = j * num_top
+        top = [(int(tok), lp) for tok, lp in zip(top_ids[first : first + n], top_logprobs[first : first + n])]
+        outputs[i] = TokenLogprob(token_id=tokens[i], logprob=chosen[j], rank=int(ranks[j]), top=top)
+    return SamplerOutput(tokens, outputs)
 
 
 def _flat_token_index(
-    rows: list[int], token_lists: list[Iterable[int]], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, token) index tensors covering every token of token_lists[j] in batch row rows[j]."""
+    rows: list[int], token_lists: list[Iterable[int]], vocab: int, device: torch.device
+) -> torch.Tensor:
+    """row * vocab + token for every token of token_lists[j] in batch row rows[j]: the positions of
+    those (row, token) pairs in the flattened [rows, vocab] logits."""
     tokens = [list(t) for t in token_lists]
     lengths = [len(t) for t in tokens]
     # output_size is known on the host, so the device never has to report it back (no sync).
     row_index = torch.repeat_interleave(
-        _device_tensor(rows, torch.long, device), _device_tensor(lengths, torch.long, device), output_size=sum(lengths)
+        to_device(rows, torch.long, device), to_device(lengths, torch.long, device), output_size=sum(lengths)
     )
-    token_index = _device_tensor(list(chain.from_iterable(tokens)), torch.long, device)
-    return row_index, token_index
-
-
-def _device_tensor(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host sequence as a tensor on `device`; on CUDA the copy is queued rather than waited for."""
-    pinned = device.type == "cuda"
-    return torch.tensor(data, dtype=dtype, pin_memory=pinned).to(device, non_blocking=pinned)
+    return row_index * vocab + to_device(list(chain.from_iterable(tokens)), torch.long, device)

@@ -24,6 +24,8 @@ class BatchLayout:
     context_lens[i]: tokens of sequence i whose K/V are in the cache once this step's are written.
     block_tables: [num_seqs, max_blocks] int64 physical block ids (padding entries are never read).
     slot_mapping: [num_tokens] int64 cache slot (block_id * block_size + offset) of each new token.
+    seq_lens, query_start: optional int32 device copies of context_lens and of the first row of each
+    sequence ([num_seqs + 1]), for callers that already uploaded them: plan() then need not copy them.
     """
 
     query_lens: list[int]
@@ -31,6 +33,8 @@ class BatchLayout:
     block_tables: torch.Tensor
     slot_mapping: torch.Tensor
     block_size: int
+    seq_lens: torch.Tensor | None = None
+    query_start: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -74,6 +78,19 @@ class AttentionBackend(ABC):
         queries q [num_tokens, num_heads, head_dim] over each sequence's cached context, causally by absolute
         position. Returns [num_tokens, num_heads, head_dim]. With sliding_window w, a query at position p
         sees keys at positions p - w < key <= p."""
+
+    def cuda_graph_unsupported(self) -> str | None:
+        """None if plan_graph_decode() works, else why this backend cannot run inside a CUDA graph."""
+        return f"the {self.name} attention backend does not support CUDA graphs"
+
+    def plan_graph_decode(
+        self, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, max_context_len: int
+    ) -> Any:
+        """Metadata for a batch of single-token decodes (sequence i owns row i) that a CUDA graph captures
+        once and then replays with new contents in these same device tensors. So nothing in it may depend
+        on the values in them: every launch is fixed by the batch size and max_context_len alone.
+        slot_mapping [B] int64, block_tables [B, max_blocks] int64, seq_lens [B] int32."""
+        raise NotImplementedError(self.cuda_graph_unsupported())
 
 
 _REGISTRY: dict[str, Callable[[], AttentionBackend]] = {}

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from kernels.backend import AttentionBackend, BatchLayout, register_backend, segment_offsets
 from kernels.kv_write import write_kv
+from kernels.transfer import to_device, upload
 
 
 @lru_cache(maxsize=1)
@@ -83,17 +84,17 @@ def _build_group(layout: BatchLayout, seq_idx: list[int], query_start: list[int]
 
     bs = layout.block_size
     key_pos = torch.arange(max_ctx, device=layout.block_tables.device)
-    tables = layout.block_tables.index_select(0, torch.tensor(seq_idx, device=layout.block_tables.device))
+    tables = layout.block_tables.index_select(0, to_device(seq_idx, torch.long, layout.block_tables.device))
     kv_slots = (tables[:, key_pos // bs] * bs + key_pos % bs).reshape(-1)
 
     return _Group(
         num_seqs=num_seqs,
         max_q=max_q,
         max_ctx=max_ctx,
-        rows=rows.to(device),
-        pad_index=pad_index.to(device),
+        rows=upload(rows, device),
+        pad_index=upload(pad_index, device),
         kv_slots=kv_slots.to(device),
-        query_pos=query_pos.to(device),
+        query_pos=upload(query_pos, device),
     )
 
 
@@ -123,6 +124,10 @@ def _split_by_length(seq_idx: list[int], layout: BatchLayout) -> list[list[int]]
 
 @register_backend("sdpa")
 class SdpaBackend(AttentionBackend):
+    def cuda_graph_unsupported(self) -> str | None:
+        return ("the sdpa attention backend gathers each step's K/V into tensors shaped by that step's context "
+                "lengths, which a CUDA graph cannot replay")
+
     def plan(self, layout: BatchLayout) -> SdpaMetadata:
         device = layout.slot_mapping.device
         query_start = [0]

@@ -1,10 +1,14 @@
 """The Triton attention backend: kernels that read the paged KV cache through the block table, with
 no gather copy.
 
-plan() turns the step's layout into a few int32 device tensors, once per step. forward(), per layer,
-writes the new K/V, then runs the decode rows (query length 1) through the split-KV decode kernel and
-the prefill-chunk rows through the extend kernel, or through torch's varlen_attn where that is
-detected to work for this configuration.
+plan() turns the step's layout into a few int32 device tensors, once per step, with queued copies
+only (the host never waits for the device). forward(), per layer, writes the new K/V, then runs the
+decode rows (query length 1) through the split-KV decode kernel and the prefill-chunk rows through the
+extend kernel, or through torch's varlen_attn where that is detected to work for this configuration.
+
+plan_graph_decode() plans a pure-decode batch for CUDA-graph capture: its split count comes from the
+batch size and max_context_len, not from the step's lengths, so every replay launches exactly what
+was captured (the decode kernel divides each sequence's own range by the split count on the device).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from kernels.backend import AttentionBackend, BatchLayout, register_backend
 from kernels.triton_decode import MIN_KEYS_PER_SPLIT, alloc_partials, choose_num_splits, paged_decode_attention
 from kernels.triton_extend import paged_extend_attention
 from kernels.triton_kv_write import write_kv_triton
+from kernels.transfer import to_device
 from kernels.varlen_extend import (
     VarlenArgs,
     build_varlen_args,
@@ -51,6 +56,9 @@ class TritonMetadata:
     num_sms: int
     min_keys_per_split: int
     varlen: VarlenArgs | None  # the chunks in varlen_attn's terms, where it may apply
+    # Split-KV scratch, set by the first layer that needs it. NOTE: held here so that a CUDA graph's
+    # metadata keeps the buffers its launches point at alive even if the backend later grows its own.
+    partials: tuple[torch.Tensor, torch.Tensor] | None = None
     _splits: dict[int, int] = field(default_factory=dict)
 
     def num_splits(self, num_kv_heads: int) -> int:
@@ -78,16 +86,21 @@ class TritonBackend(AttentionBackend):
         query_start = [0, *accumulate(q_lens)]
         decodes = [i for i, n in enumerate(q_lens) if n == 1]
         prefills = [i for i, n in enumerate(q_lens) if n > 1]
-        packed = torch.tensor([*ctx_lens, *query_start, *decodes, *prefills], dtype=torch.int32).to(device)
-        seq_lens, query_start_t, decode_seqs, prefill_seqs = packed.split(
-            [len(ctx_lens), len(query_start), len(decodes), len(prefills)]
+        given = layout.seq_lens is not None and layout.query_start is not None
+        # One queued copy for every int array the caller did not upload itself.
+        extra = [] if given else [*ctx_lens, *query_start]
+        packed = to_device([*decodes, *prefills, *extra], torch.int32, device)
+        decode_seqs, prefill_seqs, seq_lens, query_start_t = packed.split(
+            [len(decodes), len(prefills), 0 if given else len(ctx_lens), 0 if given else len(query_start)]
         )
+        if given:
+            seq_lens, query_start_t = layout.seq_lens, layout.query_start
         varlen = None
         if prefills and self._varlen_ok is not False and device.type == "cuda" and varlen_api() is not None:
             varlen = build_varlen_args(q_lens, ctx_lens, prefills, query_start, layout.block_tables, device)
         return TritonMetadata(
             slot_mapping=layout.slot_mapping,
-            block_tables=layout.block_tables.contiguous(),  # the kernels step along a row by 1
+            block_tables=_unit_row_stride(layout.block_tables),
             seq_lens=seq_lens,
             query_start=query_start_t,
             decode_seqs=decode_seqs,
@@ -97,6 +110,29 @@ class TritonBackend(AttentionBackend):
             num_sms=_num_sms(device, self.num_sms_off_cuda),
             min_keys_per_split=self.min_keys_per_split,
             varlen=varlen,
+        )
+
+    def cuda_graph_unsupported(self) -> str | None:
+        return None
+
+    def plan_graph_decode(
+        self, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, max_context_len: int
+    ) -> TritonMetadata:
+        device = slot_mapping.device
+        rows = torch.arange(seq_lens.numel() + 1, dtype=torch.int32, device=device)
+        return TritonMetadata(
+            slot_mapping=slot_mapping,
+            block_tables=_unit_row_stride(block_tables),
+            seq_lens=seq_lens,
+            query_start=rows,  # one query row per sequence
+            decode_seqs=rows[:-1],
+            prefill_seqs=rows[:0],
+            # The longest context any replay may bring, so the split count suits them all.
+            max_decode_context=max_context_len,
+            max_prefill_query=0,
+            num_sms=_num_sms(device, self.num_sms_off_cuda),
+            min_keys_per_split=self.min_keys_per_split,
+            varlen=None,
         )
 
     def forward(
@@ -117,10 +153,11 @@ class TritonBackend(AttentionBackend):
         m = metadata
         if m.decode_seqs.numel():
             splits = m.num_splits(k_cache.shape[2])
-            partials = self._partials_for(m.decode_seqs.numel(), q) if splits > 1 else None
+            if splits > 1 and m.partials is None:
+                m.partials = self._partials_for(m.decode_seqs.numel(), q)
             paged_decode_attention(
                 out, q, k_cache, v_cache, m.block_tables, m.seq_lens, m.query_start, m.decode_seqs,
-                scale, sliding_window, splits, partials,
+                scale, sliding_window, splits, m.partials if splits > 1 else None,
             )
         if m.prefill_seqs.numel():
             if m.varlen is not None and self._varlen_works(q, k_cache):
@@ -146,3 +183,9 @@ class TritonBackend(AttentionBackend):
             logger.info("prefill attention: %s", "torch varlen_attn" if reason is None else f"Triton kernel ({reason})")
         self._varlen_ok = reason is None
         return self._varlen_ok
+
+
+def _unit_row_stride(block_tables: torch.Tensor) -> torch.Tensor:
+    # The kernels step along a row by 1 and take the row stride as an argument, so a column slice of a
+    # wider table (the runner's preallocated one) needs no copy.
+    return block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from kernels.transfer import to_device
 from kernels.triton_extend import paged_extend_reference
 
 _NEEDED_PARAMS = ("block_table", "seqused_k", "window_size", "enable_gqa", "scale")
@@ -56,11 +57,11 @@ def build_varlen_args(
     if last - first == sum(q_lens):  # consecutive rows (the scheduler puts chunks after the decodes)
         rows: slice | torch.Tensor = slice(first, last)
     else:
-        rows = torch.tensor([query_start[i] + j for i, n in zip(seqs, q_lens) for j in range(n)], device=device)
+        rows = to_device([query_start[i] + j for i, n in zip(seqs, q_lens) for j in range(n)], torch.long, device)
     count = len(seqs)
-    host = torch.tensor([0, *accumulate(q_lens), 0, *accumulate(k_lens), *k_lens], dtype=torch.int32)
-    dev = host.to(device)  # one copy for the three int arrays
-    index = torch.tensor(seqs, device=block_tables.device)
+    # One queued copy for the three int arrays.
+    dev = to_device([0, *accumulate(q_lens), 0, *accumulate(k_lens), *k_lens], torch.int32, device)
+    index = to_device(seqs, torch.long, block_tables.device)
     return VarlenArgs(
         rows=rows,
         cu_seq_q=dev[: count + 1],

@@ -63,6 +63,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                             "bfloat16 (default: auto)")
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     model.add_argument("--seed", type=int, default=0, help="seed for requests that set none (default: 0)")
+    model.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                       help="auto/safetensors: the checkpoint's weights; dummy: random weights built from "
+                            "config.json alone, for benchmarking published shapes (default: auto)")
+    model.add_argument("--enforce-eager", action="store_true",
+                       help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
 
     http = p.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -123,7 +128,8 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=args.enable_chunked_prefill,
         enable_prefix_caching=args.enable_prefix_caching,
-        attention_backend=args.attention_backend, **extra,
+        attention_backend=args.attention_backend, load_format=args.load_format, enforce_eager=args.enforce_eager,
+        **extra,
     )
 
 

@@ -4,6 +4,8 @@ The model is built on the meta device (no memory, no init), then each checkpoint
 read once, straight into the parameter (or its row slice of a fused parameter) when dtype and device
 already match, else through one temporary tensor. Peak memory is the model plus at most one tensor.
 Only safetensors are read: never torch.load or pickle.
+
+load_format "dummy" skips the checkpoint: random weights made on the device (engine/models/dummy.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from engine.config import ModelConfig, read_json
 from engine.errors import ModelLoadError
 from engine.models import MODEL_REGISTRY
 from engine.models.common import WeightTarget
+from engine.models.dummy import init_dummy_weights, warn_random_weights
 from engine.models.safetensors_io import SafetensorsFile
 
 logger = logging.getLogger(__name__)
@@ -44,9 +47,24 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build_meta_model(cfg: ModelConfig) -> nn.Module:
+    """The model with every parameter on the meta device: shapes only, no memory, no init."""
     with torch.device("meta"):
-        model = MODEL_REGISTRY[cfg.architecture](cfg)
+        return MODEL_REGISTRY[cfg.architecture](cfg)
+
+
+def load_model(
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype, load_format: str = "auto", seed: int = 0
+) -> nn.Module:
+    """load_format "auto"/"safetensors": the checkpoint's weights; "dummy": random weights from `seed`,
+    made from config.json alone (no weight file is looked at)."""
+    model = build_meta_model(cfg)
+    if load_format == "dummy":
+        warn_random_weights(cfg, seed)
+        init_dummy_weights(model, device, dtype, seed)
+        return model.eval()
+    if load_format not in ("auto", "safetensors"):
+        raise ValueError(f"load_format must be one of auto, safetensors, dummy; got {load_format!r}")
     params = dict(model.named_parameters())  # tied parameters appear once
     rows_loaded = {name: 0 for name in params}
     unexpected: list[str] = []
