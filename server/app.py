@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -70,6 +71,10 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.add_middleware(BodyGuard, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
     app.add_middleware(ApiKeyAuth, api_key=config.api_key)
     app.add_middleware(RequestGate, state=state, on_response=on_response)
+    if config.allowed_origins:
+        # Outermost, so a browser's preflight (which carries no API key) is answered before auth runs.
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
 
     @app.post("/v1/completions", response_model=CompletionResponse,
               responses={**_ERRORS, 200: {"content": _STREAM}})

@@ -75,6 +75,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     http.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
                       help=f"require 'Authorization: Bearer KEY' on every route but /health and /version "
                            f"(default: ${API_KEY_ENV}, else no key)")
+    http.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                      help="browser origins allowed to call the API (CORS), e.g. https://app.example.com; "
+                           "'*' allows any (default: none, CORS off)")
     http.add_argument("--max-queued-requests", type=non_negative_int, default=1024,
                       help="requests allowed to wait for a batch slot; more get 429 with Retry-After. 0 refuses "
                            "every generation request, to test how clients handle 429 (default: 1024)")

@@ -18,6 +18,7 @@ class ServerConfig:
     retry_after_s: int = 1  # Retry-After on 429
     log_requests: bool = True  # one log line per finished request
     log_prompts: bool = False  # include the prompt in that line (off: prompts may hold private data)
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS; empty: CORS off (no headers)
 
     def __post_init__(self) -> None:
         if not self.served_model_names:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -59,6 +60,20 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def warn_if_exposed(sock: socket.socket, api_key: str | None) -> bool:
+    """Warn (and return True) when the server listens beyond loopback with no API key."""
+    host = sock.getsockname()[0]
+    try:
+        loopback = ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback or api_key:
+        return False
+    logger.warning("listening on %s without --api-key: anyone who can reach this port can use the model; "
+                   "set --api-key (or $ATTNSERVE_API_KEY), or listen on 127.0.0.1", host)
+    return True
+
+
 def serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     logging.getLogger("uvicorn.access").disabled = args.disable_access_log
@@ -81,7 +96,9 @@ def serve(args: argparse.Namespace) -> int:
         served_model_names=names, api_key=args.api_key, max_queued_requests=args.max_queued_requests,
         max_body_bytes=args.max_request_body_size, shutdown_timeout_s=args.shutdown_timeout,
         log_requests=not args.disable_log_requests, log_prompts=args.log_prompts,
+        allowed_origins=tuple(args.allowed_origins),
     )
+    warn_if_exposed(sock, args.api_key)
     app = build_app(async_engine, config)
     server = _Server(uvicorn.Config(app, log_config=None, lifespan="off", access_log=not args.disable_access_log,
                                     timeout_graceful_shutdown=5, timeout_keep_alive=5))

@@ -572,7 +572,8 @@ SERVE_FLAGS = ["--model", "--host", "--port", "--served-model-name", "--api-key"
                "--max-num-batched-tokens", "--block-size", "--num-kv-blocks", "--kv-cache-memory",
                "--gpu-memory-utilization", "--device", "--dtype", "--seed", "--max-queued-requests",
                "--shutdown-timeout", "--log-level", "--log-format", "--log-prompts", "--disable-log-requests",
-               "--disable-log-stats"]
+               "--disable-log-stats", "--allowed-origins", "--load-format", "--enforce-eager",
+               "--enable-prefix-caching", "--attention-backend"]
 
 
 def run_cli(*args: str, program: list[str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -609,3 +610,40 @@ def test_attnserve_serve_help_via_console_script():
     assert result.returncode == 0, result.stderr
     missing = [flag for flag in SERVE_FLAGS if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", result.stdout)]
     assert not missing, f"attnserve serve --help does not document {missing}"
+
+
+# ---- hardening: CORS and exposure warnings --------------------------------------------------------
+
+
+def test_cors_is_off_by_default(http):
+    response = http.options(COMPLETIONS, headers={"Origin": "https://evil.example", "Access-Control-Request-Method":
+                                                  "POST"})
+    assert "access-control-allow-origin" not in response.headers
+    assert "access-control-allow-origin" not in http.get("/v1/models", headers={"Origin": "https://x.example"}).headers
+
+
+def test_cors_allows_only_the_given_origins(llama):
+    with InProcessServer(llama, served_model_name=MODEL, max_model_len=MAX_MODEL_LEN, num_kv_blocks=32,
+                         server_kwargs={"allowed_origins": ("https://app.example",), "api_key": "k"}) as srv, \
+            srv.client() as c:
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+        ok = c.options(COMPLETIONS, headers={"Origin": "https://app.example", **preflight})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
+        bad = c.options(COMPLETIONS, headers={"Origin": "https://evil.example", **preflight})
+        assert "access-control-allow-origin" not in bad.headers
+        # The real request still needs the key.
+        assert c.get("/v1/models", headers={"Origin": "https://app.example"}).status_code == 401
+
+
+@pytest.mark.parametrize(("host", "key", "warned"), [("127.0.0.1", None, False), ("0.0.0.0", None, True),
+                                                      ("0.0.0.0", "k", False), ("::1", None, False)])
+def test_warning_when_exposed_without_a_key(host, key, warned, caplog):
+    from server.serve import warn_if_exposed
+
+    class FakeSocket:  # no test binds beyond loopback: the check only reads the bound address
+        def getsockname(self):
+            return (host, 8000)
+
+    with caplog.at_level("WARNING", logger="attnserve"):
+        assert warn_if_exposed(FakeSocket(), key) is warned
+    assert ("without --api-key" in caplog.text) is warned
