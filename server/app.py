@@ -19,7 +19,7 @@ from server.config import ServerConfig
 from server.errors import error_response, install_error_handlers
 from server.generation import ServingContext
 from server.metrics import Metrics
-from server.middleware import ApiKeyAuth, BodyGuard, RequestGate, ServerState
+from server.middleware import ApiKeyAuth, BodyGuard, HeaderLimit, RequestGate, ServerState
 from server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -39,7 +39,7 @@ _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 4
 GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
 # request_failure_total{reason} for a generation request answered with an error status.
 _FAILURE_REASONS = {400: "validation", 401: "unauthorized", 404: "not_found", 408: "timeout", 413: "too_large",
-                    429: "overloaded", 500: "internal", 503: "unavailable"}
+                    429: "overloaded", 431: "headers_too_large", 500: "internal", 503: "unavailable"}
 _STREAM = {"text/event-stream": {"schema": {"type": "string", "description": "`data: {json}` chunks, then "
                                                                               "`data: [DONE]`"}}}
 
@@ -70,6 +70,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     # add_middleware wraps: the last added runs first.
     app.add_middleware(BodyGuard, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
     app.add_middleware(ApiKeyAuth, api_key=config.api_key)
+    app.add_middleware(HeaderLimit, max_bytes=config.max_header_bytes)
     app.add_middleware(RequestGate, state=state, on_response=on_response)
     if config.allowed_origins:
         # Outermost, so a browser's preflight (which carries no API key) is answered before auth runs.

@@ -18,12 +18,13 @@ from clients.bench.cli import (
     checked,
     non_negative_float,
     non_negative_int,
+    positive_float,
     positive_int,
     run_bench,
 )
 from engine.engine_args import EngineArgs, parse_size
 from engine.errors import AttnServeError
-from server.config import DEFAULT_MAX_BODY_BYTES
+from server.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES
 
 DEFAULT_MODEL_NAME = "attnserve-demo"
 # Test hook: the engine loop fails after this many steps, to exercise the engine-death path end to end.
@@ -83,6 +84,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                            "every generation request, to test how clients handle 429 (default: 1024)")
     http.add_argument("--max-request-body-size", type=_size, default=DEFAULT_MAX_BODY_BYTES,
                       help="largest request body; bigger ones get 413 (default: 4MiB)")
+    http.add_argument("--max-header-size", type=_size, default=DEFAULT_MAX_HEADER_BYTES,
+                      help="largest request head (path and headers); bigger ones get 431 (default: 64KiB)")
+    http.add_argument("--timeout-keep-alive", type=positive_float, default=5.0, metavar="S",
+                      help="seconds an idle keep-alive connection stays open (default: 5)")
     http.add_argument("--shutdown-timeout", type=non_negative_float, default=10.0,
                       help="on SIGTERM/SIGINT, seconds in-flight requests may take to finish before they are "
                            "aborted (default: 10)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -13,6 +14,7 @@ class ServerConfig:
     api_key: str | None = None
     max_queued_requests: int = 1024  # 0 refuses every request (429): a fault switch for testing clients
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES  # request line + headers; more gets 431
     body_timeout_s: float = 30.0  # a request body must arrive within this (slow uploads hold a handler)
     shutdown_timeout_s: float = 10.0
     retry_after_s: int = 1  # Retry-After on 429

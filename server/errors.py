@@ -26,6 +26,7 @@ _TYPES = {
     413: "RequestEntityTooLargeError",
     415: "UnsupportedMediaTypeError",
     429: "RateLimitError",
+    431: "RequestHeaderFieldsTooLargeError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }

@@ -96,6 +96,27 @@ class ApiKeyAuth:
         await self.app(scope, receive, send)
 
 
+class HeaderLimit:
+    """Refuses a request whose head (path, query and headers) is larger than max_bytes with 431, before auth or
+    routing look at it. uvicorn's own bound (h11's incomplete-event size, set to the same value) only applies to
+    a head that arrives in pieces; one that arrives whole would get through without this check."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = len(scope.get("raw_path") or scope["path"].encode()) + len(scope.get("query_string") or b"")
+            size += sum(len(name) + len(value) + 4 for name, value in scope["headers"])  # ": " and CRLF
+            if size > self.max_bytes:
+                await error_response(431, f"the request head (path and headers) takes {size} bytes; at most "
+                                          f"{self.max_bytes} are allowed", headers={"Connection": "close"})(
+                    scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class BodyGuard:
     """Reads a request body in full before the app sees it: bounded in size (413) and in time (408), so a huge or
     trickling body cannot hold memory or a handler. JSON routes also refuse a non-JSON Content-Type (415)."""

@@ -96,12 +96,13 @@ def serve(args: argparse.Namespace) -> int:
         served_model_names=names, api_key=args.api_key, max_queued_requests=args.max_queued_requests,
         max_body_bytes=args.max_request_body_size, shutdown_timeout_s=args.shutdown_timeout,
         log_requests=not args.disable_log_requests, log_prompts=args.log_prompts,
-        allowed_origins=tuple(args.allowed_origins),
+        allowed_origins=tuple(args.allowed_origins), max_header_bytes=args.max_header_size,
     )
     warn_if_exposed(sock, args.api_key)
     app = build_app(async_engine, config)
     server = _Server(uvicorn.Config(app, log_config=None, lifespan="off", access_log=not args.disable_access_log,
-                                    timeout_graceful_shutdown=5, timeout_keep_alive=5))
+                                    timeout_graceful_shutdown=5, timeout_keep_alive=args.timeout_keep_alive,
+                                    h11_max_incomplete_event_size=args.max_header_size))
     try:
         stats_interval = None if args.disable_log_stats else _stats_interval()
         asyncio.run(_serve(server, sock, app.state.ctx, names, stats_interval))

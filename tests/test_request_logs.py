@@ -209,8 +209,9 @@ def test_json_log_format_end_to_end(make_ckpt):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             records = _json_lines(server.log())
-            if any(r["logger"] == "attnserve.stats" for r in records) and \
-                    any(r["logger"] == "attnserve.requests" for r in records):
+            # The last stats line can trail the request line by one interval: wait for one that saw tokens.
+            if any(r["logger"] == "attnserve.stats" and r["generation_throughput_tok_s"] > 0 for r in records) \
+                    and any(r["logger"] == "attnserve.requests" for r in records):
                 break
             time.sleep(0.1)
         log = server.log()

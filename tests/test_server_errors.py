@@ -38,6 +38,7 @@ ERROR_TYPES = {
     405: "MethodNotAllowedError",
     413: "RequestEntityTooLargeError",
     415: "UnsupportedMediaTypeError",
+    431: "RequestHeaderFieldsTooLargeError",
 }
 
 COMPLETIONS = "/v1/completions"
@@ -573,7 +574,7 @@ SERVE_FLAGS = ["--model", "--host", "--port", "--served-model-name", "--api-key"
                "--gpu-memory-utilization", "--device", "--dtype", "--seed", "--max-queued-requests",
                "--shutdown-timeout", "--log-level", "--log-format", "--log-prompts", "--disable-log-requests",
                "--disable-log-stats", "--allowed-origins", "--load-format", "--enforce-eager",
-               "--enable-prefix-caching", "--attention-backend"]
+               "--enable-prefix-caching", "--attention-backend", "--max-header-size", "--timeout-keep-alive"]
 
 
 def run_cli(*args: str, program: list[str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -647,3 +648,18 @@ def test_warning_when_exposed_without_a_key(host, key, warned, caplog):
     with caplog.at_level("WARNING", logger="attnserve"):
         assert warn_if_exposed(FakeSocket(), key) is warned
     assert ("without --api-key" in caplog.text) is warned
+
+
+def test_oversized_request_head_is_431_and_the_server_keeps_serving(llama):
+    with InProcessServer(llama, served_model_name=MODEL, max_model_len=MAX_MODEL_LEN, num_kv_blocks=32,
+                         server_kwargs={"max_header_bytes": 8192, "api_key": "k"}) as srv, srv.client() as c:
+        auth = {"authorization": "Bearer k"}
+        big = c.post(COMPLETIONS, json=BASE[COMPLETIONS], headers={**auth, "x-big": "a" * 12_000})
+        assert_error(big, 431, None)
+        assert "8192" in big.json()["error"]["message"]
+        many = c.get("/v1/models", headers={**auth, **{f"x-h{i}": "v" * 8 for i in range(600)}})
+        assert_error(many, 431, None)  # 600 headers of ~20 bytes: over the 8 KiB head
+        # Checked before auth: an unauthenticated giant head learns nothing more than an authenticated one.
+        assert_error(c.get("/v1/models", headers={"x-big": "a" * 12_000}), 431, None)
+        assert c.get("/v1/models", headers={**auth, **{f"x-h{i}": "v" for i in range(100)}}).status_code == 200
+        assert c.post(COMPLETIONS, json=BASE[COMPLETIONS], headers=auth).status_code == 200
