@@ -37,5 +37,20 @@ def dot_config(dtype: torch.dtype) -> tuple[Any, str | None]:
     raise TypeError(f"the Triton attention kernels support float32, float16 and bfloat16; got {dtype}")
 
 
+@triton.jit
+def load_kv_tile(k_cache_ptr, v_cache_ptr, table, n, n_mask, kv_head, d, d_mask,
+                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE: tl.constexpr):
+    """K and V of the keys at positions n of one sequence ([BLOCK_N, BLOCK_D] each), read through its block
+    table row `table`: key n lives in block table[n // PAGE] at offset n % PAGE. No gather copy."""
+    block = tl.load(table + n // PAGE, mask=n_mask, other=0)
+    slot_k = block[:, None] * stride_kb + (n % PAGE)[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
+    slot_v = block[:, None] * stride_vb + (n % PAGE)[:, None] * stride_vs + kv_head * stride_vh + d[None, :]
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    # Masked loads, not masked scores: stale cache slots may hold NaN/inf, and 0 * NaN is NaN.
+    k = tl.load(k_cache_ptr + slot_k, mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + slot_v, mask=kv_mask, other=0.0)
+    return k, v
+
+
 def next_pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(n))

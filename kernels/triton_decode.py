@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import dot_config, next_pow2
+from kernels.triton_common import dot_config, load_kv_tile, next_pow2
 
 MAX_SPLITS = 16
 # A split shorter than this costs more in partial-result traffic and the merge than it gains.
@@ -78,13 +78,8 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < end
-        block = tl.load(table + n // PAGE, mask=n_mask, other=0)
-        slot_k = block[:, None] * stride_kb + (n % PAGE)[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
-        slot_v = block[:, None] * stride_vb + (n % PAGE)[:, None] * stride_vs + kv_head * stride_vh + d[None, :]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        # Masked loads, not masked scores: stale cache slots may hold NaN/inf, and 0 * NaN is NaN.
-        k = tl.load(k_cache_ptr + slot_k, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + slot_v, mask=kv_mask, other=0.0)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table, n, n_mask, kv_head, d, d_mask,
+                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE)
         s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import dot_config, next_pow2
+from kernels.triton_common import dot_config, load_kv_tile, next_pow2
 from kernels.triton_decode import NO_WINDOW
 
 BLOCK_N = 64  # keys per tile
@@ -65,13 +65,8 @@ def _extend_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < hi
-        block = tl.load(table + n // PAGE, mask=n_mask, other=0)
-        slot_k = block[:, None] * stride_kb + (n % PAGE)[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
-        slot_v = block[:, None] * stride_vb + (n % PAGE)[:, None] * stride_vs + kv_head * stride_vh + d[None, :]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        # Masked loads, not masked scores: stale cache slots may hold NaN/inf, and 0 * NaN is NaN.
-        k = tl.load(k_cache_ptr + slot_k, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + slot_v, mask=kv_mask, other=0.0)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table, n, n_mask, kv_head, d, d_mask,
+                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE)
         s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * scale
         visible = n_mask[None, :] & (n[None, :] <= q_pos[:, None]) & (n[None, :] > q_pos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
