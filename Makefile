@@ -8,14 +8,21 @@ CONSTRAINTS := constraints/cpu.txt
 PYTEST_ARGS ?=
 SERVE_ARGS ?=
 BENCH_ARGS ?=
+# make fuzz: examples per operation and mode, and the seed (a new one each run unless given).
+FUZZ_EXAMPLES ?= 1000
+FUZZ_SEED ?= $(shell date +%s)
 
-.PHONY: serve test demo bench clean
+.PHONY: serve test bench fuzz clean
 
 serve: $(VENV)/.installed
 	$(PY) -m server $(SERVE_ARGS)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+fuzz: $(VENV)/.installed-test
+	@echo "fuzzing with seed $(FUZZ_SEED), $(FUZZ_EXAMPLES) examples per operation and mode"
+	ATTNSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) ATTNSERVE_FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest -s tests/test_fuzz.py $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test
 	$(PY) -m server.cli bench offline $(BENCH_ARGS)

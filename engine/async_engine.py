@@ -6,7 +6,9 @@ So the event loop never waits on a forward pass (torch releases the GIL in its k
 forward pass never waits on HTTP.
 
 If the loop dies, the error is delivered to every waiting caller, `is_healthy` turns False, and new
-requests fail fast with EngineDeadError: nothing hangs.
+requests fail fast with EngineDeadError: nothing hangs. A watchdog thread does the same when the loop stops
+making progress (a step that never returns, as on a hung device): a supervisor polling /health then sees the
+engine as dead and can restart the process, and no caller waits on a step that may never end.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -93,15 +96,17 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, fail_after_steps: int | None = None):
-        """`fail_after_steps` is a test hook: the loop raises after that many steps, as if the model had crashed."""
+    def __init__(self, engine: LLMEngine, watchdog_timeout_s: float | None = None):
+        """`watchdog_timeout_s`: declare the engine dead when one turn of its loop (a step, or applying queued
+        commands) takes longer than this; None turns the watchdog off."""
         self.engine = engine
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()  # guards _streams, _pending_adds and _dead_error across threads
         self._dead_error: BaseException | None = None
         self._pending_adds = 0  # queued "add" commands the loop has not applied yet
-        self._fail_after_steps = fail_after_steps
+        # monotonic time at which the loop last began a turn; an idle loop wakes at least every _IDLE_WAIT_S
+        self._heartbeat = time.monotonic()
         self._shutdown_reason = "engine was shut down"
         self._stopping = threading.Event()
         self._stats_listeners: list[Callable[[IterationStats], None]] = []
@@ -109,6 +114,9 @@ class AsyncEngine:
         self._stats = engine.stats()
         self._thread = threading.Thread(target=self._run, name="attnserve-engine", daemon=True)
         self._thread.start()
+        if watchdog_timeout_s is not None:
+            threading.Thread(target=self._watch, args=(watchdog_timeout_s,), name="attnserve-watchdog",
+                             daemon=True).start()
 
     @classmethod
     def from_args(cls, model: str | None = None, **kwargs) -> AsyncEngine:
@@ -119,6 +127,13 @@ class AsyncEngine:
     @property
     def is_healthy(self) -> bool:
         return self._dead_error is None and self._thread.is_alive()
+
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the engine is not healthy (None while it is)."""
+        if self._dead_error is not None:
+            return str(self._dead_error)
+        return None if self._thread.is_alive() else "the engine loop has exited"
 
     def stats(self) -> EngineStats:
         """A snapshot taken by the loop thread after its latest step."""
@@ -156,7 +171,7 @@ class AsyncEngine:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if self._dead_error is not None:
-                raise EngineDeadError(f"engine loop is dead: {self._dead_error!r}")
+                raise EngineDeadError(f"the engine is not running: {self._dead_error}")
             if req.request_id in self._streams:
                 raise ValidationError(f"request id {req.request_id!r} is already in use", "request_id")
             self._streams[req.request_id] = stream
@@ -173,23 +188,24 @@ class AsyncEngine:
         self._stopping.set()
         self._commands.put(("wake", None))
         self._thread.join(timeout)
+        if self._thread.is_alive() and self._dead_error is None:
+            # The loop is stuck inside a step: end the requests now rather than leave their callers waiting on it.
+            self._fail_all(EngineDeadError(reason))
 
     def _check_alive(self) -> None:
-        if self._dead_error is not None or not self._thread.is_alive():
-            raise EngineDeadError(f"engine loop is dead: {self._dead_error!r}")
+        if not self.is_healthy:
+            raise EngineDeadError(f"the engine is not running: {self.dead_reason}")
 
     # ---- loop side (engine thread) -------------------------------------------------------------
 
     def _run(self) -> None:
-        steps = 0
         try:
-            while not self._stopping.is_set():
+            # NOTE: a loop the watchdog declared dead stops here, even if its stalled step returns later.
+            while not self._stopping.is_set() and self._dead_error is None:
+                self._heartbeat = time.monotonic()
                 outputs = self._drain_commands(block=not self.engine.has_unfinished_requests())
                 if self.engine.has_unfinished_requests():
-                    if self._fail_after_steps is not None and steps >= self._fail_after_steps:
-                        raise RuntimeError(f"injected engine failure after {steps} steps (test hook)")
                     outputs += self.engine.step()
-                    steps += 1
                 # NOTE: refresh the snapshot before delivering, so a caller that saw its request finish
                 # never reads stats that still count it.
                 self._stats = self.engine.stats()
@@ -200,7 +216,8 @@ class AsyncEngine:
             logger.exception("engine loop died")
             self._fail_all(exc)
             return
-        self._fail_all(EngineDeadError(self._shutdown_reason))
+        if self._dead_error is None:  # else the watchdog has already failed everything, with its reason
+            self._fail_all(EngineDeadError(self._shutdown_reason))
 
     def _report_stats(self) -> None:
         if not self._stats_listeners:
@@ -220,7 +237,7 @@ class AsyncEngine:
         added = 0
         while True:
             try:
-                kind, arg = self._commands.get(block=block, timeout=0.5 if block else None)
+                kind, arg = self._commands.get(block=block, timeout=_IDLE_WAIT_S if block else None)
             except queue.Empty:
                 break
             block = False
@@ -254,6 +271,19 @@ class AsyncEngine:
         if stream is not None:
             _put(stream, exc)
 
+    def _watch(self, timeout_s: float) -> None:
+        """Watchdog thread: fail everything once the loop has spent more than timeout_s in one turn."""
+        while not self._stopping.wait(min(1.0, timeout_s / 4)):
+            if self._dead_error is not None or not self._thread.is_alive():
+                return
+            stalled = time.monotonic() - self._heartbeat
+            if stalled > timeout_s:
+                logger.error("engine loop stalled: no progress for %.1f s (watchdog timeout %g s); the engine is "
+                             "now reported dead", stalled, timeout_s)
+                self._fail_all(EngineDeadError(f"the engine loop stalled: one step took longer than the watchdog "
+                                               f"timeout of {timeout_s:g} s"))
+                return
+
     def _fail_all(self, exc: BaseException) -> None:
         error = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"engine loop died: {exc!r}")
         with self._lock:
@@ -261,6 +291,9 @@ class AsyncEngine:
             streams, self._streams = self._streams, {}
         for stream in streams.values():
             _put(stream, error)
+
+
+_IDLE_WAIT_S = 0.5  # how long an idle loop blocks on the command queue before its next turn (and heartbeat)
 
 
 def _put(stream: _Stream, item: RequestOutput | BaseException) -> None:

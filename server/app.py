@@ -19,6 +19,7 @@ from server.config import ServerConfig
 from server.errors import error_response, install_error_handlers
 from server.generation import ServingContext
 from server.metrics import Metrics
+from server.openapi import install_precise_openapi
 from server.middleware import ApiKeyAuth, BodyGuard, HeaderLimit, RequestGate, ServerState
 from server.protocol import (
     ChatCompletionRequest,
@@ -27,7 +28,6 @@ from server.protocol import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
-    ErrorResponse,
     ModelCard,
     ModelList,
     TokenizeRequest,
@@ -35,13 +35,20 @@ from server.protocol import (
     VersionResponse,
 )
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 429, 503)}
 GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
 # request_failure_total{reason} for a generation request answered with an error status.
 _FAILURE_REASONS = {400: "validation", 401: "unauthorized", 404: "not_found", 408: "timeout", 413: "too_large",
-                    429: "overloaded", 431: "headers_too_large", 500: "internal", 503: "unavailable"}
-_STREAM = {"text/event-stream": {"schema": {"type": "string", "description": "`data: {json}` chunks, then "
-                                                                              "`data: [DONE]`"}}}
+                    415: "unsupported_media_type", 429: "overloaded", 431: "headers_too_large", 500: "internal",
+                    503: "unavailable"}
+# With stream: true the 200 is Server-Sent Events; OpenAPI 3.1's `schema` for text/event-stream describes one event.
+_STREAM = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {
+        "type": "string", "anyOf": [{"const": "[DONE]"}, {"pattern": "^\\{"}],
+        "description": "One JSON chunk per event (the response object with deltas; an error after the 200 comes as "
+                       "{\"error\": {...}}), then the literal [DONE] as the last event",
+    }},
+}}}
 
 
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
@@ -71,41 +78,41 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.add_middleware(BodyGuard, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
     app.add_middleware(ApiKeyAuth, api_key=config.api_key)
     app.add_middleware(HeaderLimit, max_bytes=config.max_header_bytes)
-    app.add_middleware(RequestGate, state=state, on_response=on_response)
+    app.add_middleware(RequestGate, state=state, on_response=on_response, limit_concurrency=config.limit_concurrency,
+                       retry_after_s=config.retry_after_s)
     if config.allowed_origins:
         # Outermost, so a browser's preflight (which carries no API key) is answered before auth runs.
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
 
-    @app.post("/v1/completions", response_model=CompletionResponse,
-              responses={**_ERRORS, 200: {"content": _STREAM}})
+    # Error responses are documented by server/openapi.py, which knows which middleware answers on which route.
+    @app.post("/v1/completions", response_model=CompletionResponse, responses={200: {"content": _STREAM}})
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         return await create_completion(ctx, body, raw)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-              responses={**_ERRORS, 200: {"content": _STREAM}})
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={200: {"content": _STREAM}})
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
         return await create_chat_completion(ctx, body, raw)
 
-    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+    @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
         root = str(engine.engine.config.model.path)
         return ModelList(data=[ModelCard(id=name, root=root, max_model_len=engine.engine.max_model_len)
                                for name in config.served_model_names])
 
-    @app.get("/health", responses={200: {"description": "the engine is alive"}, 503: {"model": ErrorResponse}})
+    @app.get("/health", response_class=Response, responses={200: {"description": "the engine is alive (no body)"}})
     async def health() -> Response:
         if state.draining:
             return error_response(503, "the server is shutting down")
         if not engine.is_healthy:
-            return error_response(503, "the engine is not running")
+            return error_response(503, f"the engine is not running: {engine.dead_reason}")
         return Response(status_code=200)
 
     @app.get("/version", response_model=VersionResponse)
     async def version() -> VersionResponse:
         return VersionResponse(version=__version__)
 
-    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+    @app.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         ctx.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
@@ -123,7 +130,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         return TokenizeResponse(count=len(ids), max_model_len=engine.engine.max_model_len, tokens=ids,
                                 token_strs=strs)
 
-    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+    @app.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         ctx.check_model(body.model)
         vocab = engine.engine.vocab_size
@@ -143,4 +150,6 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         return JSONResponse({"name": "attnserve", "version": __version__, "models": list(config.served_model_names)})
 
     known_paths.update(route.path for route in app.routes)
+    install_precise_openapi(app, served_model_names=config.served_model_names, vocab_size=engine.engine.vocab_size,
+                            max_model_len=engine.engine.max_model_len, api_key=config.api_key is not None)
     return app

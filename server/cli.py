@@ -24,11 +24,9 @@ from clients.bench.cli import (
 )
 from engine.engine_args import EngineArgs, parse_size
 from engine.errors import AttnServeError
-from server.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES
+from server.config import DEFAULT_LIMIT_CONCURRENCY, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES
 
 DEFAULT_MODEL_NAME = "attnserve-demo"
-# Test hook: the engine loop fails after this many steps, to exercise the engine-death path end to end.
-FAIL_AFTER_STEPS_ENV = "ATTNSERVE_TEST_FAIL_AFTER_STEPS"
 
 logger = logging.getLogger("attnserve")
 
@@ -69,6 +67,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                             "config.json alone, for benchmarking published shapes (default: auto)")
     model.add_argument("--enforce-eager", action="store_true",
                        help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+    model.add_argument("--engine-watchdog-timeout", type=non_negative_float, default=120.0, metavar="S",
+                       help="report the engine dead (/health 503, requests end with an error) when one engine step "
+                            "takes longer than this, as on a hung device; 0 turns the watchdog off (default: 120)")
 
     http = p.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -86,6 +87,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                       help="largest request body; bigger ones get 413 (default: 4MiB)")
     http.add_argument("--max-header-size", type=_size, default=DEFAULT_MAX_HEADER_BYTES,
                       help="largest request head (path and headers); bigger ones get 431 (default: 64KiB)")
+    http.add_argument("--request-body-timeout", type=positive_float, default=30.0, metavar="S",
+                      help="seconds a request body may take to arrive; slower ones get 408 (default: 30)")
+    http.add_argument("--limit-concurrency", type=positive_int, default=DEFAULT_LIMIT_CONCURRENCY, metavar="N",
+                      help="HTTP requests in flight at once; more get 503 with Retry-After. /health, /version and "
+                           f"/metrics are never refused (default: {DEFAULT_LIMIT_CONCURRENCY})")
     http.add_argument("--timeout-keep-alive", type=positive_float, default=5.0, metavar="S",
                       help="seconds an idle keep-alive connection stays open (default: 5)")
     http.add_argument("--shutdown-timeout", type=non_negative_float, default=10.0,

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+# Above the default waiting queue (1024) plus a full batch (256), so the queue's 429 comes first under normal
+# overload; this bound is for what the queue does not count (tokenize calls, bodies still arriving, slow readers).
+DEFAULT_LIMIT_CONCURRENCY = 2048
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,7 @@ class ServerConfig:
     log_requests: bool = True  # one log line per finished request
     log_prompts: bool = False  # include the prompt in that line (off: prompts may hold private data)
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS; empty: CORS off (no headers)
+    limit_concurrency: int | None = DEFAULT_LIMIT_CONCURRENCY  # HTTP requests in flight; more get 503. None: no limit
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -29,5 +33,9 @@ class ServerConfig:
             raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if self.limit_concurrency is not None and self.limit_concurrency < 1:
+            raise ValueError(f"limit_concurrency must be >= 1, got {self.limit_concurrency}")
+        if self.body_timeout_s <= 0:
+            raise ValueError(f"body_timeout_s must be > 0, got {self.body_timeout_s}")
         if self.shutdown_timeout_s < 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout_s}")

@@ -32,13 +32,21 @@ class ServerState:
 
 
 class RequestGate:
-    """Counts requests in flight (for the drain) and answers 503 to new ones once draining has begun. Reports every
-    response's route and status to `on_response` (metrics), including the ones middleware answers itself."""
+    """Counts requests in flight (for the drain and the concurrency limit) and answers 503 to new ones once draining
+    has begun or while `limit_concurrency` requests are already in flight. Reports every response's route and status
+    to `on_response` (metrics), including the ones middleware answers itself.
 
-    def __init__(self, app: ASGIApp, state: ServerState, on_response: Callable[[Scope, int], None] | None = None):
+    The limit is uvicorn's --limit-concurrency done here instead, because uvicorn's answers in plain text: ours is
+    an OpenAI-shaped error with Retry-After, which clients and our SDK retry. Probes and /metrics are never limited,
+    so an overloaded server can still be watched."""
+
+    def __init__(self, app: ASGIApp, state: ServerState, on_response: Callable[[Scope, int], None] | None = None,
+                 limit_concurrency: int | None = None, retry_after_s: int = 1):
         self.app = app
         self.state = state
         self.on_response = on_response
+        self.limit_concurrency = limit_concurrency
+        self.retry_after_s = retry_after_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,8 +54,14 @@ class RequestGate:
             return
         if self.on_response is not None:
             send = self._reporting(scope, send)
-        if self.state.draining and scope["path"] not in OPEN_PATHS and scope["path"] != "/metrics":
+        limited = scope["path"] not in OPEN_PATHS and scope["path"] != "/metrics"
+        if self.state.draining and limited:
             response = error_response(503, "the server is shutting down", headers={"Connection": "close"})
+            await response(scope, receive, send)
+            return
+        if limited and self.limit_concurrency is not None and self.state.in_flight >= self.limit_concurrency:
+            response = error_response(503, f"the server is at its limit of {self.limit_concurrency} concurrent "
+                                           f"requests; retry later", headers={"Retry-After": str(self.retry_after_s)})
             await response(scope, receive, send)
             return
         self.state.in_flight += 1
@@ -58,7 +72,6 @@ class RequestGate:
             self.state.in_flight -= 1
             if self.state.in_flight == 0:
                 self.state.idle.set()
-
 
     def _reporting(self, scope: Scope, send: Send) -> Send:
         async def reporting_send(message: Message) -> None:

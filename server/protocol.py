@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from engine.sampling_params import MAX_LOGPROBS
 
@@ -23,8 +23,20 @@ MAX_LOGIT_BIAS = 1024
 MAX_PROMPTS = 256  # prompts in one batched completions request
 MAX_CACHE_SALT_CHARS = 1024
 
+
+
+def _whole_number(value: Any) -> Any:
+    """JSON has one number type: 2.0 is the integer 2 to JSON Schema (and to JavaScript clients), so an integer
+    field takes it. Any other float, or a string, still fails the strict int check after this."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer field: strict (no "5", no true), but 5.0 counts as 5.
+Int = Annotated[int, BeforeValidator(_whole_number)]
 # Token ids as JSON may be up to 64-bit; the engine reports the vocabulary range for anything outside it.
-TokenIds = list[int]
+TokenIds = list[Int]
 StopStrings = Union[
     Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)],
     Annotated[
@@ -47,23 +59,23 @@ class SamplingFields(_Strict):
     """Fields shared by completions and chat: OpenAI's, then vLLM's extras. None means "the model's default"."""
 
     model: str | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: Int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=MAX_LOGIT_BIAS)] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    seed: Int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: StopStrings | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM extras
-    top_k: int | None = Field(None, ge=-1)
+    top_k: Int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0**31)
-    min_tokens: int = Field(0, ge=0)
-    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    min_tokens: Int = Field(0, ge=0)
+    stop_token_ids: Annotated[list[Annotated[Int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -78,11 +90,11 @@ class CompletionRequest(SamplingFields):
         TokenIds,
         Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)],
     ]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: Int | None = Field(16, ge=1)
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    best_of: Int | None = Field(None, ge=1, le=MAX_N)
     add_special_tokens: bool = True
 
 
@@ -106,10 +118,10 @@ class ResponseFormat(_Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI in favour of max_completion_tokens.")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1, description="Deprecated by OpenAI in favour of max_completion_tokens.")
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True

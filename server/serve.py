@@ -21,9 +21,10 @@ import uvicorn
 
 from engine.async_engine import AsyncEngine
 from engine.errors import AttnServeError
+from engine.faults import FAULT_ENV, FaultSpec, inject_fault
 from engine.llm_engine import LLMEngine
 from server.app import build_app
-from server.cli import DEFAULT_MODEL_NAME, FAIL_AFTER_STEPS_ENV, engine_args_from
+from server.cli import DEFAULT_MODEL_NAME, engine_args_from
 from server.config import ServerConfig
 from server.logs import DEFAULT_STATS_INTERVAL_S, STATS_INTERVAL_ENV, configure_logging, log_stats_periodically
 
@@ -90,13 +91,21 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(f"could not load the model: {type(exc).__name__}: {exc}")
     names = tuple(args.served_model_name or [args.model if args.model is not None else DEFAULT_MODEL_NAME])
     _log_loaded(engine, args.model is None)
-    fail_after = os.environ.get(FAIL_AFTER_STEPS_ENV)
-    async_engine = AsyncEngine(engine, fail_after_steps=int(fail_after) if fail_after else None)
+    fault = os.environ.get(FAULT_ENV)
+    if fault:
+        try:
+            spec = FaultSpec.parse(fault)
+        except ValueError as exc:
+            return _fail(str(exc))
+        logger.warning("test fault injection on: %s", spec)
+        inject_fault(engine.runner.model, spec)
+    async_engine = AsyncEngine(engine, watchdog_timeout_s=args.engine_watchdog_timeout or None)
     config = ServerConfig(
         served_model_names=names, api_key=args.api_key, max_queued_requests=args.max_queued_requests,
         max_body_bytes=args.max_request_body_size, shutdown_timeout_s=args.shutdown_timeout,
         log_requests=not args.disable_log_requests, log_prompts=args.log_prompts,
         allowed_origins=tuple(args.allowed_origins), max_header_bytes=args.max_header_size,
+        body_timeout_s=args.request_body_timeout, limit_concurrency=args.limit_concurrency,
     )
     warn_if_exposed(sock, args.api_key)
     app = build_app(async_engine, config)

@@ -16,9 +16,12 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -39,6 +42,7 @@ ERROR_TYPES = {
     413: "RequestEntityTooLargeError",
     415: "UnsupportedMediaTypeError",
     431: "RequestHeaderFieldsTooLargeError",
+    503: "ServiceUnavailableError",
 }
 
 COMPLETIONS = "/v1/completions"
@@ -555,7 +559,7 @@ def test_server_still_serves_and_engine_is_idle_after_bad_requests(server, http)
 
 def test_api_key_from_environment(llama):
     with ServerProcess(llama, "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
-                       "--num-kv-blocks", "32", env={"ATTNSERVE_API_KEY": "env-key"}) as proc:
+                       "--num-kv-blocks", "32", "--log-level", "debug", env={"ATTNSERVE_API_KEY": "env-key"}) as proc:
         with proc.client() as client:
             assert_error(client.get("/v1/models"), 401, None)
             assert_error(client.post(COMPLETIONS, json=BASE[COMPLETIONS]), 401, None)
@@ -565,6 +569,8 @@ def test_api_key_from_environment(llama):
             assert ok.status_code == 200, ok.text
             done = client.post(COMPLETIONS, json=BASE[COMPLETIONS], headers={"authorization": "Bearer env-key"})
             assert done.status_code == 200, done.text
+        # Neither the key nor a wrong one a client sent may end up in the log (debug level included).
+        assert "env-key" not in proc.log() and "Bearer other" not in proc.log()
 
 
 # ---- the command line ----------------------------------------------------------------------------
@@ -574,7 +580,8 @@ SERVE_FLAGS = ["--model", "--host", "--port", "--served-model-name", "--api-key"
                "--gpu-memory-utilization", "--device", "--dtype", "--seed", "--max-queued-requests",
                "--shutdown-timeout", "--log-level", "--log-format", "--log-prompts", "--disable-log-requests",
                "--disable-log-stats", "--allowed-origins", "--load-format", "--enforce-eager",
-               "--enable-prefix-caching", "--attention-backend", "--max-header-size", "--timeout-keep-alive"]
+               "--enable-prefix-caching", "--attention-backend", "--max-header-size", "--timeout-keep-alive",
+               "--limit-concurrency", "--request-body-timeout", "--engine-watchdog-timeout"]
 
 
 def run_cli(*args: str, program: list[str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -663,3 +670,73 @@ def test_oversized_request_head_is_431_and_the_server_keeps_serving(llama):
         assert_error(c.get("/v1/models", headers={"x-big": "a" * 12_000}), 431, None)
         assert c.get("/v1/models", headers={**auth, **{f"x-h{i}": "v" for i in range(100)}}).status_code == 200
         assert c.post(COMPLETIONS, json=BASE[COMPLETIONS], headers=auth).status_code == 200
+
+
+def test_concurrency_limit_is_503_in_openai_shape_and_spares_probes_and_metrics(llama):
+    with InProcessServer(llama, served_model_name=MODEL, max_model_len=MAX_MODEL_LEN, num_kv_blocks=32,
+                         server_kwargs={"limit_concurrency": 2}) as srv, srv.client() as c:
+        body = {**BASE[COMPLETIONS], "max_tokens": MAX_MODEL_LEN - 8, "ignore_eos": True, "stream": True}
+        with c.stream("POST", COMPLETIONS, json=body) as first, c.stream("POST", COMPLETIONS, json=body) as second:
+            assert first.status_code == second.status_code == 200
+            assert srv.app.state.ctx.state.in_flight == 2  # both streams hold their slot until they end
+            refused = c.post(COMPLETIONS, json=BASE[COMPLETIONS])
+            assert_error(refused, 503, None, contains=["2 concurrent requests"])
+            assert refused.headers["retry-after"] == "1"
+            assert_error(c.get("/v1/models"), 503, None)
+            assert c.get("/health").status_code == 200
+            assert c.get("/version").status_code == 200
+            assert c.get("/metrics").status_code == 200
+        srv.wait_idle()
+        assert c.post(COMPLETIONS, json=BASE[COMPLETIONS]).status_code == 200
+
+
+def _open_connection_after_one_request(url: str) -> socket.socket:
+    """A keep-alive connection that has been answered once (the answer read in full)."""
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
+    sock.sendall(f"GET /version HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode())
+    reply = b""
+    while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+        reply += sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    return sock
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except socket.timeout:
+        return False
+
+
+def test_idle_keep_alive_connections_close_after_timeout_keep_alive(llama):
+    with ServerProcess(llama, "--max-model-len", str(MAX_MODEL_LEN), "--timeout-keep-alive", "1") as proc:
+        sock = _open_connection_after_one_request(proc.url)
+        start = time.monotonic()
+        assert _closed_within(sock, 5), "the idle connection stayed open past --timeout-keep-alive"
+        assert 0.8 <= time.monotonic() - start <= 3
+        sock.close()
+        # A connection that is in use is not cut: the same socket may send a second request within the timeout.
+        sock = _open_connection_after_one_request(proc.url)
+        assert not _closed_within(sock, 0.3)
+        sock.close()
+
+
+def test_request_body_timeout_flag_gives_408_to_a_slow_body(llama):
+    with ServerProcess(llama, "--max-model-len", str(MAX_MODEL_LEN), "--request-body-timeout", "1") as proc:
+        parts = urlsplit(proc.url)
+        sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
+        sock.sendall(f"POST {COMPLETIONS} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: 100\r\n\r\n{{".encode())
+        start = time.monotonic()
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(4096)
+            assert chunk, "closed without an answer"
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert 0.9 <= time.monotonic() - start <= 5
+        sock.close()
+        with proc.client() as c:
+            assert c.post(COMPLETIONS, json={"prompt": "Hello", "max_tokens": 2}).status_code == 200

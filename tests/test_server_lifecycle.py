@@ -8,7 +8,7 @@ What is specified, and tested here end to end over real sockets:
   error; nothing else fails, and every accepted request runs to its full max_tokens.
 - SIGTERM/SIGINT drain: /health and new requests answer 503 while in-flight requests get --shutdown-timeout seconds
   to finish; a stream that outlives it ends with an error event then `data: [DONE]`; the process exits 0.
-- Engine death (the ATTNSERVE_TEST_FAIL_AFTER_STEPS hook): in-flight requests end with a 503 (an error event then
+- Engine death (the ATTNSERVE_TEST_FAULT hook, engine/faults.py): in-flight requests end with a 503 (an error event then
   `data: [DONE]` for a stream); /health and new requests answer 503; the process stays up and answers.
 - SSE framing: every event is exactly `data: <payload>\\n\\n`, checked on the raw body bytes.
 
@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from clients.prometheus import parse_metrics
+from engine.faults import FAULT_ENV
 from server_process import InProcessServer, ServerProcess
 
 # Long enough that an unaborted request would run for tens of seconds (the tiny model makes ~500-1000 tokens/s on
@@ -37,7 +39,6 @@ LONG_LEN = 32768
 LONG_TOKENS = 20000
 PROMPT = "Once upon a time"
 MESSAGES = [{"role": "user", "content": "Tell me a very long story."}]
-FAIL_AFTER_STEPS_ENV = "ATTNSERVE_TEST_FAIL_AFTER_STEPS"
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------------
@@ -161,6 +162,7 @@ class StreamReader(threading.Thread):
         self.content_type = ""
         self.error: BaseException | None = None
         self.ended_at: float | None = None
+        self.arrivals: list[tuple[float, int]] = []  # (when, len(raw) after it) for every chunk read
         self.started = threading.Event()  # set once `started_after` events arrived (or the read ended)
 
     def run(self) -> None:
@@ -172,6 +174,7 @@ class StreamReader(threading.Thread):
                     self.content_type = resp.headers.get("content-type", "")
                     for chunk in resp.iter_raw():
                         self.raw += chunk
+                        self.arrivals.append((time.monotonic(), len(self.raw)))
                         if self.raw.count(b"\n\n") >= self.started_after:
                             self.started.set()
                         if time.monotonic() > deadline:
@@ -181,6 +184,18 @@ class StreamReader(threading.Thread):
         finally:
             self.ended_at = time.monotonic()
             self.started.set()
+
+    def error_gap(self) -> float:
+        """Seconds between the last chunk before the error event and the chunk that carried it."""
+        at = self.raw.index(b'data: {"error"')
+        before = [when for when, size in self.arrivals if size <= at]
+        after = [when for when, size in self.arrivals if size > at]
+        assert before and after, "no data arrived before the error event"
+        return after[0] - before[-1]
+
+    def error_arrived_at(self) -> float:
+        at = self.raw.index(b'data: {"error"')
+        return next(when for when, size in self.arrivals if size > at)
 
     def finish(self, timeout: float) -> list:
         """Wait for the end of the stream and return its events, parsed with the framing checked."""
@@ -488,10 +503,11 @@ def _assert_dead_but_serving(proc: ServerProcess) -> None:
 
 
 def test_engine_death_ends_stream_with_503_error_event(ckpt):
-    with _long_stream_server(ckpt, 5, env={FAIL_AFTER_STEPS_ENV: "5"}) as proc:
+    with _long_stream_server(ckpt, 5, env={FAULT_ENV: "raise@6"}) as proc:
         with proc.client(timeout=httpx.Timeout(10.0)) as client:
             assert client.get("/health").status_code == 200
-        # The engine only steps while it has work, so the 5 steps are this request's: it is in flight when they run out.
+        # The engine only runs the model while it has work, so the forwards are this request's: it is in flight when
+        # the 6th one fails.
         reader = StreamReader(proc.url, "/v1/completions", completion_body(1000, stream=True), deadline_s=30)
         reader.start()
         events = reader.finish(timeout=30)
@@ -502,7 +518,7 @@ def test_engine_death_ends_stream_with_503_error_event(ckpt):
 
 
 def test_engine_death_fails_in_flight_non_stream_request_with_503(ckpt):
-    with _long_stream_server(ckpt, 5, env={FAIL_AFTER_STEPS_ENV: "5"}) as proc:
+    with _long_stream_server(ckpt, 5, env={FAULT_ENV: "raise@6"}) as proc:
         with proc.client(timeout=httpx.Timeout(20.0)) as client:
             assert client.get("/health").status_code == 200
             start = time.monotonic()
@@ -511,3 +527,133 @@ def test_engine_death_fails_in_flight_non_stream_request_with_503(ckpt):
             assert_openai_error(resp.json(), 503)
             assert time.monotonic() - start < 15
         _assert_dead_but_serving(proc)
+
+
+def _in_flight(proc: ServerProcess) -> float:
+    """attnserve_num_requests_running + waiting, read from /metrics."""
+    with proc.client(timeout=httpx.Timeout(5.0)) as client:
+        metrics = parse_metrics(client.get("/metrics").text)
+    return metrics.value("attnserve_num_requests_running") + metrics.value("attnserve_num_requests_waiting")
+
+
+def test_fault_in_model_forward_ends_every_in_flight_request_within_a_second(ckpt):
+    streams, plain = 8, 4
+    # The 600th forward fails: late enough that all 12 requests are running (they arrive within ~0.1 s), early enough
+    # that none of them has finished its 3000 tokens.
+    with _long_stream_server(ckpt, 5, env={FAULT_ENV: "raise@600"}) as proc:
+        readers = [StreamReader(proc.url, "/v1/completions" if i % 2 else "/v1/chat/completions",
+                                (completion_body if i % 2 else chat_body)(3000, stream=True), deadline_s=60)
+                   for i in range(streams)]
+        ended: list[tuple[int, float, dict]] = []
+
+        def post(i: int) -> None:
+            with proc.client(timeout=httpx.Timeout(60.0)) as client:
+                resp = client.post("/v1/completions", json=completion_body(3000, stream=False))
+                ended.append((resp.status_code, time.monotonic(), resp.json()))
+
+        posters = [threading.Thread(target=post, args=(i,), daemon=True) for i in range(plain)]
+        for thread in [*readers, *posters]:
+            thread.start()
+        wait_until(lambda: _in_flight(proc) == streams + plain, 30, "all requests to be in flight")
+        for reader in readers:
+            events = reader.finish(timeout=60)
+            err = _assert_ends_with_error_event(events)
+            assert_openai_error(err, 503)
+            assert "injected fault" in err["error"]["message"], err
+            assert reader.error_gap() <= 1.0, f"the error came {reader.error_gap():.2f}s after the last token"
+        for thread in posters:
+            thread.join(60)
+        assert len(ended) == plain
+        for status, _, body in ended:
+            assert status == 503, body
+            assert_openai_error(body, 503)
+        ends = [reader.error_arrived_at() for reader in readers] + [when for _, when, _ in ended]
+        assert max(ends) - min(ends) <= 1.0, f"the in-flight requests ended over {max(ends) - min(ends):.2f}s"
+        with proc.client(timeout=httpx.Timeout(10.0)) as client:
+            health = client.get("/health")
+            assert "injected fault" in health.json()["error"]["message"], health.text
+            assert client.get("/metrics").status_code == 200, "the dead server must still be scrapable"
+        _assert_dead_but_serving(proc)
+        # Its supervisor restarts it by stopping it: it must exit cleanly, and at once.
+        start = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, proc.log()[-3000:]
+        assert time.monotonic() - start < 10
+
+
+def test_watchdog_reports_a_stalled_engine_loop_as_dead(ckpt):
+    timeout = 1.5
+    # The 3rd forward hangs for a minute, as on a hung device; the watchdog must not wait for it.
+    with ServerProcess(ckpt, "--max-model-len", "512", "--engine-watchdog-timeout", str(timeout),
+                       env={FAULT_ENV: "stall@3:60"}, startup_timeout=90) as proc:
+        with proc.client(timeout=httpx.Timeout(10.0)) as client:
+            assert client.get("/health").status_code == 200
+        reader = StreamReader(proc.url, "/v1/completions", completion_body(200, stream=True), started_after=1,
+                              deadline_s=30)
+        reader.start()
+        events = reader.finish(timeout=30)
+        err = _assert_ends_with_error_event(events)
+        assert_openai_error(err, 503)
+        assert "watchdog" in err["error"]["message"], err
+        assert timeout - 0.1 <= reader.error_gap() <= timeout + 3, f"error after {reader.error_gap():.2f}s"
+        with proc.client(timeout=httpx.Timeout(10.0)) as client:
+            health = client.get("/health")
+            assert health.status_code == 503 and "stalled" in health.json()["error"]["message"], health.text
+        _assert_dead_but_serving(proc)
+        assert "engine loop stalled" in proc.log()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, proc.log()[-3000:]
+
+
+def test_sigterm_under_load_finishes_or_errors_every_accepted_request(ckpt):
+    """24 requests of both kinds on both routes, half short (they finish within the drain) and half too long to."""
+    shutdown_timeout = 3.0
+    with _long_stream_server(ckpt, shutdown_timeout) as proc:
+        results: dict[int, tuple] = {}
+
+        def run(i: int) -> None:
+            stream, chat, short = i % 2 == 0, i % 4 < 2, i % 3 == 0
+            tokens = 64 if short else LONG_TOKENS
+            body = (chat_body if chat else completion_body)(tokens, stream=stream)
+            path = "/v1/chat/completions" if chat else "/v1/completions"
+            try:
+                with httpx.Client(base_url=proc.url, timeout=httpx.Timeout(60.0)) as client:
+                    resp = client.post(path, json=body)
+                    results[i] = (stream, tokens, resp.status_code, resp.content)
+            except httpx.HTTPError as exc:
+                results[i] = (stream, tokens, None, repr(exc))
+
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(24)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: _in_flight(proc) == 24, 30, "all 24 requests to be in flight")
+        sent = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(shutdown_timeout + 30)
+        assert proc.wait(timeout=30) == 0, proc.log()[-3000:]
+        assert time.monotonic() - sent <= shutdown_timeout + 10
+    assert len(results) == 24
+    finished = errored = 0
+    for i, (stream, tokens, status, content) in sorted(results.items()):
+        assert status is not None, f"request {i} lost its connection instead of an answer: {content}"
+        if stream:
+            assert status == 200, (i, content[:300])
+            events = parse_complete_sse(content)
+            if any(isinstance(e, dict) and "error" in e for e in events):
+                assert_openai_error(_assert_ends_with_error_event(events), 503)
+                errored += 1
+            else:
+                assert finish_reasons(events) == ["length"], (i, events[-3:])
+                finished += 1
+        elif status == 200:
+            body = json.loads(content)
+            assert body["usage"]["completion_tokens"] == tokens, body["usage"]
+            finished += 1
+        else:
+            assert status == 503, (i, content[:300])
+            assert_openai_error(json.loads(content), 503)
+            errored += 1
+        if tokens == 64:  # short ones have ample time within the drain
+            assert status == 200 and b'"error"' not in content, (i, content[-300:])
+    assert finished == 8 and errored == 16, (finished, errored)
