@@ -44,6 +44,8 @@ class APIError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    # A message may quote client input; lone surrogates in it would make the UTF-8 response itself fail (a 500).
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": _TYPES.get(status, "Error"), "param": param, "code": status}}
 
 

@@ -52,14 +52,15 @@ class ServingContext:
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.config.served_model_names:
-            raise APIError(404, f"The model `{name}` does not exist; this server serves "
+            shown = name if len(name) <= 200 else name[:200] + "..."  # an error need not echo a huge name back
+            raise APIError(404, f"The model `{shown}` does not exist; this server serves "
                                 f"{', '.join(self.config.served_model_names)}", "model")
 
     def check_serving(self) -> None:
         if self.state.draining:
             raise APIError(503, "the server is shutting down")
         if not self.engine.is_healthy:
-            raise APIError(503, "the engine is not running")
+            raise APIError(503, f"the engine is not running: {self.engine.dead_reason}")
 
     async def off_loop(self, fn: Callable, *args, **kwargs) -> Any:
         """Tokenizing a long prompt or rendering a chat template takes milliseconds to seconds of CPU: keep it off

@@ -132,7 +132,8 @@ class HeaderLimit:
 
 class BodyGuard:
     """Reads a request body in full before the app sees it: bounded in size (413) and in time (408), so a huge or
-    trickling body cannot hold memory or a handler. JSON routes also refuse a non-JSON Content-Type (415)."""
+    trickling body cannot hold memory or a handler. JSON routes also refuse a non-JSON Content-Type (415), and a body
+    that is not UTF-8 or escapes a lone surrogate (400)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float):
         self.app = app
@@ -162,6 +163,14 @@ class BodyGuard:
                                  headers={"Connection": "close"})(scope, receive, send)
             return
         if body is None:  # the client went away mid-body; there is no one to answer
+            return
+        try:
+            # JSON text is UTF-8 (RFC 8259). Python's json would take invalid bytes too (as lone surrogates, which
+            # the tokenizer and the response encoder then choke on), so they are refused here, once for every route.
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            await error_response(400, f"the request body is not valid UTF-8 (byte {exc.start}: "
+                                      f"{exc.object[exc.start:exc.start + 1]!r})")(scope, receive, send)
             return
         if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(body):
             await error_response(400, "the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff "

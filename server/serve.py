@@ -26,6 +26,7 @@ from engine.llm_engine import LLMEngine
 from server.app import build_app
 from server.cli import DEFAULT_MODEL_NAME, engine_args_from
 from server.config import ServerConfig
+from server.http_protocol import JsonErrorH11Protocol
 from server.logs import DEFAULT_STATS_INTERVAL_S, STATS_INTERVAL_ENV, configure_logging, log_stats_periodically
 
 logger = logging.getLogger("attnserve")
@@ -109,9 +110,8 @@ def serve(args: argparse.Namespace) -> int:
     )
     warn_if_exposed(sock, args.api_key)
     app = build_app(async_engine, config)
-    server = _Server(uvicorn.Config(app, log_config=None, lifespan="off", access_log=not args.disable_access_log,
-                                    timeout_graceful_shutdown=5, timeout_keep_alive=args.timeout_keep_alive,
-                                    h11_max_incomplete_event_size=args.max_header_size))
+    server = _Server(uvicorn_config(app, config, timeout_keep_alive=args.timeout_keep_alive,
+                                    access_log=not args.disable_access_log))
     try:
         stats_interval = None if args.disable_log_stats else _stats_interval()
         asyncio.run(_serve(server, sock, app.state.ctx, names, stats_interval))
@@ -120,6 +120,14 @@ def serve(args: argparse.Namespace) -> int:
         sock.close()
     logger.info("shut down")
     return 0
+
+
+def uvicorn_config(app, config: ServerConfig, *, timeout_keep_alive: float = 5.0,
+                   access_log: bool = True) -> uvicorn.Config:
+    """The uvicorn settings every server of ours runs with (tests included, so they see the same limits)."""
+    return uvicorn.Config(app, log_config=None, lifespan="off", access_log=access_log, timeout_graceful_shutdown=5,
+                          timeout_keep_alive=timeout_keep_alive, http=JsonErrorH11Protocol,
+                          h11_max_incomplete_event_size=config.max_header_bytes)
 
 
 def _log_loaded(engine: LLMEngine, builtin: bool) -> None:

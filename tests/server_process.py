@@ -87,15 +87,15 @@ class InProcessServer:
         from engine.async_engine import AsyncEngine
         from server.app import build_app
         from server.config import ServerConfig
-        from server.serve import bind_socket
+        from server.serve import bind_socket, uvicorn_config
 
         self.engine = AsyncEngine.from_args(str(model), **engine_kwargs)
-        self.app = build_app(self.engine, ServerConfig(served_model_names=(served_model_name,),
-                                                       **(server_kwargs or {})))
+        config = ServerConfig(served_model_names=(served_model_name,), **(server_kwargs or {}))
+        self.app = build_app(self.engine, config)
         self.sock = bind_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         served = self.app if wrap is None else wrap(self.app)
-        self.server = uvicorn.Server(uvicorn.Config(served, log_config=None, lifespan="off"))
+        self.server = uvicorn.Server(uvicorn_config(served, config))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
