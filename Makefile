@@ -11,8 +11,11 @@ BENCH_ARGS ?=
 # make fuzz: examples per operation and mode, and the seed (a new one each run unless given).
 FUZZ_EXAMPLES ?= 1000
 FUZZ_SEED ?= $(shell date +%s)
+# make soak: how long to keep issuing requests (seconds), and more tests/soak.py flags (--concurrency, --seed, ...)
+DURATION ?= 600
+SOAK_ARGS ?=
 
-.PHONY: serve test bench fuzz clean
+.PHONY: serve test bench fuzz soak clean
 
 serve: $(VENV)/.installed
 	$(PY) -m server $(SERVE_ARGS)
@@ -23,6 +26,9 @@ test: $(VENV)/.installed-test
 fuzz: $(VENV)/.installed-test
 	@echo "fuzzing with seed $(FUZZ_SEED), $(FUZZ_EXAMPLES) examples per operation and mode"
 	ATTNSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) ATTNSERVE_FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest -s tests/test_fuzz.py $(PYTEST_ARGS)
+
+soak: $(VENV)/.installed-test
+	$(PY) tests/soak.py --duration $(DURATION) $(SOAK_ARGS)
 
 bench: $(VENV)/.installed-test
 	$(PY) -m server.cli bench offline $(BENCH_ARGS)

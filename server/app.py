@@ -71,7 +71,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         path = scope["path"]
         route = path if path in known_paths else "other"  # unmatched paths must not grow the label set
         metrics.count_http(route, status)
-        if route in GENERATION_ROUTES and status >= 400:
+        # 499 (the client hung up before a non-streamed answer) is not a failure: the engine counts that request as
+        # finished with reason "abort", as it does a dropped stream.
+        if route in GENERATION_ROUTES and status >= 400 and status != 499:
             metrics.count_failure(_FAILURE_REASONS.get(status, "bad_request"))
 
     # add_middleware wraps: the last added runs first.
