@@ -465,6 +465,24 @@ def test_correct_api_key_is_200(auth_http, method, path, body):
     assert response.status_code == 200, response.text
 
 
+def test_api_key_is_compared_in_constant_time_on_fixed_length_digests(auth_http, monkeypatch):
+    """The key check goes through hmac.compare_digest on two SHA-256 digests, whatever the length of the key sent:
+    neither the time taken nor an early exit on a length mismatch tells a client how close its guess was."""
+    import hmac
+
+    compared: list[tuple[int, int]] = []
+    real = hmac.compare_digest
+
+    def recording(a, b):
+        compared.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", recording)
+    for key in ("x", API_KEY[:-1], API_KEY + "0" * 100, API_KEY):
+        auth_http.get("/v1/models", headers={"authorization": f"Bearer {key}"})
+    assert compared == [(32, 32)] * 4, compared
+
+
 @pytest.mark.parametrize("path", ["/health", "/version"])
 def test_probes_need_no_api_key(auth_http, path):
     assert auth_http.get(path).status_code == 200
