@@ -49,12 +49,15 @@ RUN pip install . && rm -rf build
 COPY deploy/docker-entrypoint.sh /usr/local/bin/attnserve-entrypoint
 RUN chmod 0755 /usr/local/bin/attnserve-entrypoint
 
-# Generate the built-in demo model now, as the user that serves, into its cache (~/.cache/attnserve, or
-# $ATTNSERVE_CACHE_DIR), so that the first start does not wait for it.
+# The built-in demo model (served when MODEL is empty). The installed package sits apart from the source tree, so
+# the engine is told where the checkpoint is.
+COPY models/demo/ /opt/attnserve/models/demo/
+ENV ATTNSERVE_DEMO_MODEL=/opt/attnserve/models/demo
+
 USER attnserve
 ENV HOME=/home/attnserve
 WORKDIR /home/attnserve
-RUN python -c "from engine.default_model import ensure_default_model; print(ensure_default_model())"
+RUN python -c "from engine.default_model import default_model_dir; print(default_model_dir())"
 
 EXPOSE 8000
 # python's urllib, since slim images have no curl; a 503 (engine dead, or draining) fails it too. The start

@@ -15,7 +15,7 @@ FUZZ_SEED ?= $(shell date +%s)
 DURATION ?= 600
 SOAK_ARGS ?=
 
-.PHONY: serve test bench fuzz soak clean
+.PHONY: serve test bench fuzz soak demo-model clean
 
 serve: $(VENV)/.installed
 	$(PY) -m server $(SERVE_ARGS)
@@ -29,6 +29,11 @@ fuzz: $(VENV)/.installed-test
 
 soak: $(VENV)/.installed-test
 	$(PY) tests/soak.py --duration $(DURATION) $(SOAK_ARGS)
+
+# Retrain the built-in demo model (about 45 minutes on 2 CPU cores; models/demo/README.md), then measure it.
+demo-model: $(VENV)/.installed
+	nice -n 19 $(PY) -m tools.train_demo_model --out models/demo --threads 1
+	$(PY) -m tools.eval_demo_model --json models/demo/eval_metrics.json
 
 bench: $(VENV)/.installed-test
 	$(PY) -m server.cli bench offline $(BENCH_ARGS)

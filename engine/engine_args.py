@@ -72,9 +72,9 @@ class EngineArgs:
 
     def create_config(self) -> EngineConfig:
         """Validate and freeze. max_model_len is provisional here: the engine caps it by the KV pool once sized."""
-        from engine.default_model import ensure_default_model
+        from engine.default_model import default_model_dir
 
-        model_dir = Path(self.model) if self.model is not None else ensure_default_model()
+        model_dir = Path(self.model) if self.model is not None else default_model_dir()
         model = ModelConfig.from_dir(model_dir)
         device = resolve_device(self.device)
         _positive("block_size", self.block_size)

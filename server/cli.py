@@ -53,7 +53,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     model = p.add_argument_group("model")
     model.add_argument("--model", metavar="DIR", default=None,
                        help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json). "
-                            "Default: the built-in demo model (random weights: its output is noise)")
+                            "Default: the built-in demo model, a small Python code-completion model (models/demo)")
     model.add_argument("--served-model-name", metavar="NAME", nargs="+", default=None,
                        help="name(s) clients use in the 'model' field; the first is reported in responses. "
                             f"Default: the --model argument, or {DEFAULT_MODEL_NAME!r}")

@@ -141,8 +141,9 @@ def _log_loaded(engine: LLMEngine, builtin: bool) -> None:
                 cfg.scheduler.max_model_len, cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens,
                 "on" if cfg.cache.enable_prefix_caching else "off")
     if builtin:
-        logger.warning("serving the built-in demo model: its weights are random, so its output is noise. "
-                       "Pass --model DIR to serve a real model.")
+        logger.info("serving the built-in demo model: a small Python code-completion model trained on the standard "
+                    "library (models/demo/README.md); it completes code, it does not chat. Pass --model DIR to "
+                    "serve another model.")
 
 
 def _stats_interval() -> float:

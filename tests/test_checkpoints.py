@@ -1,4 +1,4 @@
-"""The test checkpoints and the default model are what they claim to be, checked against transformers.
+"""The test checkpoints (and where the default model is found) are what they claim to be, checked against transformers.
 
 The engine's parity tests trust these files, so this pins down their layout (sharding, tied weights,
 key prefixes, config style), that transformers loads them cleanly, and that their greedy outputs have
@@ -8,10 +8,7 @@ a clear margin and actually depend on the features each kind exists to exercise.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,13 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from checkpoints import KINDS, PARITY_PROMPTS, build_model, encode_prompt, hf_greedy
 from engine import default_model
-from engine.default_model import (
-    CHATML_TEMPLATE,
-    build_bpe_tokenizer,
-    default_model_path,
-    ensure_default_model,
-    write_default_model,
-)
+from engine.default_model import build_bpe_tokenizer, default_model_dir
+from engine.errors import ModelLoadError
 
 # Kinds with their own weights; the others re-lay-out one of these on disk.
 BASE_KINDS = ("llama", "llama-linear", "llama-sharded", "mistral", "qwen2", "qwen3", "gpt2")
@@ -184,78 +176,17 @@ def test_greedy_margins_are_clear_of_fp32_noise(make_ckpt, kind: str) -> None:
     assert len({tuple(out) for out in outputs}) == len(outputs)
 
 
-# Default model.
+# The built-in demo model's location (its contents are tested in tests/test_demo_model.py).
 
 
-@pytest.fixture
-def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv(default_model.CACHE_ENV_VAR, str(tmp_path))
-    return tmp_path
-
-
-def file_hashes(path: Path) -> dict[str, str]:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
-
-
-def test_default_model_path_honours_env(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert default_model_path() == cache_dir / "default-model-v1"
-    monkeypatch.delenv(default_model.CACHE_ENV_VAR)
-    assert default_model_path() == Path.home() / ".cache" / "attnserve" / "default-model-v1"
-
-
-def test_default_model_is_deterministic(tmp_path: Path) -> None:
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
-    write_default_model(a)
-    write_default_model(b)
-    assert file_hashes(a) == file_hashes(b)
-
-
-def test_default_model_loads_in_transformers(cache_dir: Path) -> None:
-    path = ensure_default_model()
-    config = config_json(path)
-    assert config["num_key_value_heads"] < config["num_attention_heads"]
-    assert config["vocab_size"] == build_bpe_tokenizer().get_vocab_size()
-    model = load(path)
-    assert model.config.rope_parameters["rope_type"] == "default"
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": [{"type": "text", "text": "Bye"}]},
-    ]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text == (
-        "<|begin_of_text|><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-        "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
-    )
-    # The template already starts with bos, so the rendered text must be encoded without another one.
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    assert ids[0] == tokenizer.bos_token_id and ids[1] != tokenizer.bos_token_id
-    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids
-    assert json.loads((path / "tokenizer_config.json").read_text())["chat_template"] == CHATML_TEMPLATE
-    with torch.no_grad():
-        assert torch.isfinite(model(torch.tensor([ids])).logits).all()
-
-
-def test_ensure_default_model_races_and_repairs(cache_dir: Path) -> None:
-    paths: list[Path] = []
-    threads = [threading.Thread(target=lambda: paths.append(ensure_default_model())) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    path = default_model_path()
-    assert paths == [path] * 3
-    assert os.listdir(cache_dir) == [path.name]  # no temp dirs left behind
-    hashes = file_hashes(path)
-    # A directory left incomplete (marker gone) is rebuilt rather than trusted.
-    (path / ".complete").unlink()
-    (path / "model.safetensors").write_bytes(b"truncated")
-    assert ensure_default_model() == path
-    assert file_hashes(path) == hashes
+def test_default_model_is_the_committed_demo_checkpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(default_model.DEMO_MODEL_ENV, raising=False)
+    assert default_model_dir() == Path(__file__).resolve().parents[1] / "models" / "demo"
+    monkeypatch.setenv(default_model.DEMO_MODEL_ENV, str(tmp_path))
+    with pytest.raises(ModelLoadError, match="--model DIR"):  # the error names where it looked and the way out
+        default_model_dir()
+    (tmp_path / "config.json").write_text("{}")
+    assert default_model_dir() == tmp_path
 
 
 def test_tokenizer_round_trips_and_splits_multibyte_characters() -> None:
