@@ -67,9 +67,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                             "config.json alone, for benchmarking published shapes (default: auto)")
     model.add_argument("--enforce-eager", action="store_true",
                        help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
-    model.add_argument("--engine-watchdog-timeout", type=non_negative_float, default=120.0, metavar="S",
+    model.add_argument("--engine-watchdog-timeout", type=non_negative_float, default=None, metavar="S",
                        help="report the engine dead (/health 503, requests end with an error) when one engine step "
-                            "takes longer than this, as on a hung device; 0 turns the watchdog off (default: 120)")
+                            "takes longer than this, as on a hung device; 0 turns the watchdog off (default: 120 on "
+                            "CUDA; off on CPU, where a long prefill of a large model can legitimately take minutes)")
 
     http = p.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")

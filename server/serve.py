@@ -30,6 +30,8 @@ from server.http_protocol import JsonErrorH11Protocol
 from server.logs import DEFAULT_STATS_INTERVAL_S, STATS_INTERVAL_ENV, configure_logging, log_stats_periodically
 
 logger = logging.getLogger("attnserve")
+# A GPU step takes milliseconds to a few seconds; two minutes without one returning means a hung device.
+DEFAULT_CUDA_WATCHDOG_S = 120.0
 
 
 class _Server(uvicorn.Server):
@@ -100,7 +102,10 @@ def serve(args: argparse.Namespace) -> int:
             return _fail(str(exc))
         logger.warning("test fault injection on: %s", spec)
         inject_fault(engine.runner.model, spec)
-    async_engine = AsyncEngine(engine, watchdog_timeout_s=args.engine_watchdog_timeout or None)
+    watchdog = args.engine_watchdog_timeout
+    if watchdog is None:
+        watchdog = DEFAULT_CUDA_WATCHDOG_S if engine.config.device.type == "cuda" else 0.0
+    async_engine = AsyncEngine(engine, watchdog_timeout_s=watchdog or None)
     config = ServerConfig(
         served_model_names=names, api_key=args.api_key, max_queued_requests=args.max_queued_requests,
         max_body_bytes=args.max_request_body_size, shutdown_timeout_s=args.shutdown_timeout,
