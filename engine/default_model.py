@@ -101,8 +101,13 @@ def write_tokenizer_files(
     *,
     chat_template: str = CHATML_TEMPLATE,
     model_max_length: int = _MAX_POSITIONS,
+    special_tokens: tuple[str, ...] = SPECIAL_TOKENS,
+    bos_token: str = BOS_TOKEN,
+    eos_token: str = EOS_TOKEN,
+    pad_token: str = PAD_TOKEN,
 ) -> None:
-    """Write tokenizer.json and a tokenizer_config.json for a tokenizer from build_bpe_tokenizer."""
+    """Write tokenizer.json and a tokenizer_config.json (the layout transformers writes) for a byte-level BPE
+    tokenizer: this module's (the defaults), or one with other special tokens (the demo model's)."""
     out_dir = Path(out_dir)
     (out_dir / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
     added_tokens = {
@@ -114,20 +119,20 @@ def write_tokenizer_files(
             "single_word": False,
             "special": True,
         }
-        for tok in SPECIAL_TOKENS
+        for tok in special_tokens
     }
     config = {
         "add_bos_token": True,
         "add_eos_token": False,
         "added_tokens_decoder": added_tokens,
         "additional_special_tokens": [IM_START_TOKEN, IM_END_TOKEN],
-        "bos_token": BOS_TOKEN,
+        "bos_token": bos_token,
         "chat_template": chat_template,
         "clean_up_tokenization_spaces": False,
-        "eos_token": EOS_TOKEN,
+        "eos_token": eos_token,
         "model_max_length": model_max_length,
-        "pad_token": PAD_TOKEN,
-        # The generic class keeps tokenizer.json's post-processor as is, instead of rebuilding it.
+        "pad_token": pad_token,
+        # The generic class keeps tokenizer.json's pre-tokenizer and post-processor as they are.
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
     _write_json(out_dir / "tokenizer_config.json", config)

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from torch import nn
 
-from engine.default_model import CHATML_TEMPLATE
+from engine.default_model import IM_END_TOKEN, IM_START_TOKEN, write_tokenizer_files
 
 # ----- corpus -----
 
@@ -91,8 +91,6 @@ def split_files(files: list[SourceFile]) -> tuple[list[SourceFile], list[SourceF
 # ----- tokenizer -----
 
 EOT_TOKEN = "<|endoftext|>"
-IM_START_TOKEN = "<|im_start|>"
-IM_END_TOKEN = "<|im_end|>"
 # The trainer gives the special tokens the first ids, in this order.
 SPECIAL_TOKENS = (EOT_TOKEN, IM_START_TOKEN, IM_END_TOKEN)
 
@@ -127,32 +125,6 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
         special_tokens=[(EOT_TOKEN, tokenizer.token_to_id(EOT_TOKEN))],
     )
     return tokenizer
-
-
-def write_tokenizer_files(tokenizer: Tokenizer, out_dir: Path, model_max_length: int) -> None:
-    """tokenizer.json and tokenizer_config.json, laid out as engine.default_model writes them."""
-    (out_dir / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
-    added_tokens = {
-        str(tokenizer.token_to_id(tok)): {
-            "content": tok, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True,
-        }
-        for tok in SPECIAL_TOKENS
-    }
-    _write_json(out_dir / "tokenizer_config.json", {
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "added_tokens_decoder": added_tokens,
-        "additional_special_tokens": [IM_START_TOKEN, IM_END_TOKEN],
-        # ChatML writes {{ bos_token }} first; <|endoftext|> is what the model saw before every file.
-        "bos_token": EOT_TOKEN,
-        "chat_template": CHATML_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": EOT_TOKEN,
-        "model_max_length": model_max_length,
-        "pad_token": EOT_TOKEN,
-        # The generic class keeps tokenizer.json's pre-tokenizer and post-processor as they are.
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    })
 
 
 def encode_stream(tokenizer: Tokenizer, files: list[SourceFile]) -> torch.Tensor:
@@ -394,7 +366,9 @@ def save_checkpoint(model: LlamaForCausalLM, shape: LlamaShape, tokenizer: Token
     _write_json(out_dir / "generation_config.json", {
         "bos_token_id": eot, "eos_token_id": [eot, tokenizer.token_to_id(IM_END_TOKEN)], "pad_token_id": eot,
     })
-    write_tokenizer_files(tokenizer, out_dir, shape.context_len)
+    # <|endoftext|> is bos, eos and pad: ChatML writes {{ bos_token }} first, and the model saw it before every file.
+    write_tokenizer_files(tokenizer, out_dir, model_max_length=shape.context_len, special_tokens=SPECIAL_TOKENS,
+                          bos_token=EOT_TOKEN, eos_token=EOT_TOKEN, pad_token=EOT_TOKEN)
 
 
 def _write_json(path: Path, obj: dict) -> None:
