@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -65,27 +66,38 @@ def default_model_dir() -> Path:
 
 
 def build_bpe_tokenizer(vocab_size: int = 4096) -> Tokenizer:
-    """Train a byte-level BPE tokenizer on the built-in corpus; the same vocab and merges every time.
+    """Train a byte-level BPE tokenizer on the built-in corpus; the same vocab and merges every time."""
+    return train_byte_level_bpe(TOKENIZER_CORPUS.split("\n\n"), vocab_size, SPECIAL_TOKENS, BOS_TOKEN)
 
-    Byte-level means any Unicode text encodes (unseen characters fall back to their UTF-8 bytes), and
-    multi-byte characters can be split across tokens, which detokenization must handle. If the corpus
-    runs out of pairs to merge, the vocabulary ends up smaller than `vocab_size`.
+
+def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str], bos_token: str,
+                         split: pre_tokenizers.PreTokenizer | None = None) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on `texts`: special tokens take the first ids, in order, and `bos_token` is
+    prepended when encoding with special tokens (Llama style; nothing is appended).
+
+    Byte-level means any Unicode text encodes (unseen characters fall back to their UTF-8 bytes), and multi-byte
+    characters can be split across tokens, which detokenization must handle. If the texts run out of pairs to merge,
+    the vocabulary ends up smaller than `vocab_size`. `split` replaces GPT-2's word split, which ByteLevel does
+    otherwise.
     """
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split is None:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(TOKENIZER_CORPUS.split("\n\n"), trainer=trainer)
-    # Llama style: bos is prepended when add_special_tokens=True, nothing is appended.
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A",
-        pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
-        special_tokens=[(BOS_TOKEN, tokenizer.token_to_id(BOS_TOKEN))],
+        single=f"{bos_token} $A",
+        pair=f"{bos_token} $A {bos_token} $B",
+        special_tokens=[(bos_token, tokenizer.token_to_id(bos_token))],
     )
     return tokenizer
 

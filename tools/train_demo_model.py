@@ -29,10 +29,10 @@ from pathlib import Path, PurePosixPath
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, pre_tokenizers
 from torch import nn
 
-from engine.default_model import IM_END_TOKEN, IM_START_TOKEN, write_tokenizer_files
+from engine.default_model import IM_END_TOKEN, IM_START_TOKEN, train_byte_level_bpe, write_tokenizer_files
 
 # ----- corpus -----
 
@@ -103,28 +103,10 @@ SPLIT_PATTERN = (
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
-    """Byte-level BPE (any text encodes; unseen characters fall back to bytes), decoded by the ByteLevel decoder."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    # Every training file follows an <|endoftext|>, so it doubles as bos: a prompt encoded with special tokens
-    # starts the way a file does.
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{EOT_TOKEN} $A",
-        pair=f"{EOT_TOKEN} $A {EOT_TOKEN} $B",
-        special_tokens=[(EOT_TOKEN, tokenizer.token_to_id(EOT_TOKEN))],
-    )
-    return tokenizer
+    """Byte-level BPE with the split above. Every training file follows an <|endoftext|>, so it doubles as bos: a
+    prompt encoded with special tokens starts the way a file does."""
+    split = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
+    return train_byte_level_bpe(texts, vocab_size, SPECIAL_TOKENS, EOT_TOKEN, split)
 
 
 def encode_stream(tokenizer: Tokenizer, files: list[SourceFile]) -> torch.Tensor:
