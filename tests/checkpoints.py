@@ -18,6 +18,7 @@ test_checkpoints.py checks all of that, so a change here that loses the margin f
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,3 +324,20 @@ def hf_greedy(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int
 def encode_prompt(prompt: str) -> list[int]:
     """Prompt token ids as the engine sees them: with the bos that the tokenizer's post-processor adds."""
     return _TOKENIZER.encode(prompt).ids
+
+
+def copy_with_chat_template(src: Path, dst: Path, template: str | None) -> Path:
+    """Copy the checkpoint `src` to `dst` with its chat template replaced by `template` (None: removed, so the copy
+    has no chat template at all). Returns `dst`."""
+    shutil.copytree(src, dst)
+    config_path = dst / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    assert "chat_template" in config  # the copy must differ from the original only by its template
+    if template is None:
+        del config["chat_template"]
+    else:
+        config["chat_template"] = template
+    config_path.write_text(json.dumps(config))
+    (dst / "chat_template.jinja").unlink(missing_ok=True)
+    assert not (dst / "chat_templates").exists()
+    return dst

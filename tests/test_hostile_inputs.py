@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import re
 import select
-import shutil
 import socket
 import threading
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from checkpoints import copy_with_chat_template
 from server_process import InProcessServer
 
 MODEL = "test-model"
@@ -114,15 +114,8 @@ def evil_template(marker: Path) -> str:
 
 @pytest.fixture(scope="module")
 def evil_server(llama, marker, tmp_path_factory):
-    model = tmp_path_factory.mktemp("evil-chat-template") / "model"
-    shutil.copytree(llama, model)
-    config_path = model / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    assert "chat_template" in config  # the copy's template replaces the real one
-    config["chat_template"] = evil_template(marker)
-    config_path.write_text(json.dumps(config))
-    (model / "chat_template.jinja").unlink(missing_ok=True)
-    assert not (model / "chat_templates").exists()
+    model = copy_with_chat_template(llama, tmp_path_factory.mktemp("evil-chat-template") / "model",
+                                    evil_template(marker))
     with InProcessServer(model, served_model_name=MODEL, max_model_len=MAX_MODEL_LEN, num_kv_blocks=32) as srv:
         yield srv
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from checkpoints import copy_with_chat_template
 from server_process import REPO, InProcessServer, ServerProcess
 
 MODEL = "test-model"
@@ -95,15 +95,7 @@ def auth_http(auth_server):
 
 @pytest.fixture(scope="module")
 def no_template_server(llama, tmp_path_factory):
-    model = tmp_path_factory.mktemp("no-chat-template") / "model"
-    shutil.copytree(llama, model)
-    config_path = model / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    assert "chat_template" in config  # otherwise this fixture tests nothing
-    del config["chat_template"]
-    config_path.write_text(json.dumps(config))
-    (model / "chat_template.jinja").unlink(missing_ok=True)
-    assert not (model / "chat_templates").exists()
+    model = copy_with_chat_template(llama, tmp_path_factory.mktemp("no-chat-template") / "model", None)
     with InProcessServer(model, served_model_name=MODEL, max_model_len=MAX_MODEL_LEN, num_kv_blocks=32) as srv:
         yield srv
 
