@@ -2,7 +2,9 @@
 
 The drain: new requests get 503 (the socket stays open so they get an answer rather than a refused connection),
 in-flight requests have --shutdown-timeout seconds to finish, then the engine stops, which ends what is left with
-an error (an error event for streams), and the process exits 0. A second signal exits at once.
+an error (an error event for streams), and the process exits 0. A second signal cuts the grace short: every open
+request ends at once (streams with their error event and `data: [DONE]`), they get a moment to flush, and the process
+exits 0 without waiting for connections; a third exits immediately.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from server.logs import DEFAULT_STATS_INTERVAL_S, STATS_INTERVAL_ENV, configure_
 logger = logging.getLogger("attnserve")
 # A GPU step takes milliseconds to a few seconds; two minutes without one returning means a hung device.
 DEFAULT_CUDA_WATCHDOG_S = 120.0
+# After a second signal has ended every open request, how long their last events get to reach the clients.
+_FLUSH_S = 1.0
 
 
 class _Server(uvicorn.Server):
@@ -168,18 +172,26 @@ async def _serve(server: _Server, sock: socket.socket, ctx, names: tuple[str, ..
                  stats_interval: float | None) -> None:
     loop = asyncio.get_running_loop()
     draining: asyncio.Task | None = None
+    hurrying: asyncio.Task | None = None
 
     def on_signal(sig: signal.Signals) -> None:
-        nonlocal draining
+        nonlocal draining, hurrying
         if draining is None:
             logger.info("received %s: draining", sig.name)
             draining = loop.create_task(_drain(server, ctx))
+        elif hurrying is None:
+            logger.warning("received %s again: ending %s now and exiting", sig.name,
+                           plural(ctx.state.in_flight, "open request"))
+            hurrying = loop.create_task(_exit_now(server, ctx))
         else:
-            logger.warning("received %s again: exiting now", sig.name)
+            logger.warning("received %s a third time: exiting immediately", sig.name)
             server.should_exit = server.force_exit = True
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    # A forced exit cancels whatever uvicorn still runs; that is the exit asked for, not an application error.
+    quiet = _DropCancelledTracebacks()
+    logging.getLogger("uvicorn.error").addFilter(quiet)
     background = [loop.create_task(_announce(server, sock, names))]
     if stats_interval is not None:
         background.append(loop.create_task(log_stats_periodically(ctx.engine, stats_interval)))
@@ -190,6 +202,7 @@ async def _serve(server: _Server, sock: socket.socket, ctx, names: tuple[str, ..
             task.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        logging.getLogger("uvicorn.error").removeFilter(quiet)
 
 
 async def _announce(server: _Server, sock: socket.socket, names: tuple[str, ...]) -> None:
@@ -205,14 +218,34 @@ async def _drain(server: _Server, ctx) -> None:
     state.draining = True
     timeout = ctx.config.shutdown_timeout_s
     if state.in_flight:
-        logger.info("waiting up to %gs for %d in-flight requests", timeout, state.in_flight)
+        logger.info("waiting up to %gs for %s", timeout, plural(state.in_flight, "in-flight request"))
         try:
             await asyncio.wait_for(state.idle.wait(), timeout)
         except asyncio.TimeoutError:
-            logger.warning("shutdown timeout: aborting %d requests", state.in_flight)
+            logger.warning("shutdown timeout: aborting %s", plural(state.in_flight, "request"))
     loop = asyncio.get_running_loop()
     # Stopping the engine ends every request still running with an error (an error event on a stream).
     await loop.run_in_executor(None, lambda: engine.shutdown(timeout=5.0, reason="the server is shutting down"))
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(state.idle.wait(), 5.0)
     server.should_exit = True
+
+
+async def _exit_now(server: _Server, ctx) -> None:
+    """The second signal: no more grace. Stopping the engine ends every open request with an error (a stream gets
+    its error event and [DONE]); they have a moment to flush, then uvicorn stops without waiting for connections."""
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, lambda: ctx.engine.shutdown(timeout=1.0,
+                                                                 reason="the server is shutting down now"))
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(ctx.state.idle.wait(), _FLUSH_S)
+    server.should_exit = server.force_exit = True
+
+
+class _DropCancelledTracebacks(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

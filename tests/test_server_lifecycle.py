@@ -483,6 +483,30 @@ def test_sigint_drains_like_sigterm(ckpt):
         assert proc.wait(timeout=15) == 0, proc.log()[-3000:]
 
 
+def test_second_sigterm_ends_open_streams_properly_and_exits_fast_and_quietly(ckpt):
+    """The drain would wait 60 s; a second SIGTERM ends the stream at once with its error event and [DONE], and the
+    process exits 0 within seconds, logging no traceback (uvicorn used to print a CancelledError's 60 lines)."""
+    with _long_stream_server(ckpt, shutdown_timeout=60.0) as proc:
+        reader = StreamReader(proc.url, "/v1/completions", completion_body(LONG_TOKENS, stream=True))
+        reader.start()
+        assert reader.started.wait(30) and reader.error is None and reader.status == 200, reader.error
+        proc.signal(signal.SIGTERM)
+        with proc.client(timeout=httpx.Timeout(5.0)) as client:
+            assert _wait_for_health_503(client).status_code == 503
+        assert reader.is_alive(), "the stream ended on the first signal: the test proves nothing"
+        sent = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        events = reader.finish(timeout=15)
+        assert reader.ended_at - sent < 3, f"the stream ended {reader.ended_at - sent:.1f}s after the second signal"
+        err = _assert_ends_with_error_event(events)["error"]
+        assert_openai_error({"error": err}, 503)
+        assert proc.wait(timeout=10) == 0, proc.log()[-3000:]
+        assert time.monotonic() - sent < 5
+        log = proc.log()
+        assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
+        assert "received SIGTERM again: ending 1 open request now and exiting" in log
+
+
 # ---- engine death ----------------------------------------------------------------------------------------------------
 
 def _assert_dead_but_serving(proc: ServerProcess) -> None:
