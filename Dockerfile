@@ -38,7 +38,8 @@ RUN set -eux; \
     pip install --upgrade pip; \
     pip install $pin --index-url "$TORCH_INDEX_URL" torch
 
-# The project, non-editable (the installed torch satisfies its torch>=2.4, so pip keeps it).
+# The project, non-editable, with its runtime dependencies only: the same list `make serve` installs, no extras (the
+# installed torch satisfies its torch>=2.4, so pip keeps it).
 COPY pyproject.toml README.md ./
 COPY engine/ engine/
 COPY kernels/ kernels/
@@ -57,7 +58,9 @@ ENV ATTNSERVE_DEMO_MODEL=/opt/attnserve/models/demo
 USER attnserve
 ENV HOME=/home/attnserve
 WORKDIR /home/attnserve
-RUN python -c "from engine.default_model import default_model_dir; print(default_model_dir())"
+# The build fails here, not at `docker run`, if the server imports a package the runtime list lacks, or if the demo
+# checkpoint is not where the engine looks.
+RUN python -c "import server.serve; from engine.default_model import default_model_dir; print(default_model_dir())"
 
 EXPOSE 8000
 # python's urllib, since slim images have no curl; a 503 (engine dead, or draining) fails it too. The start

@@ -350,6 +350,19 @@ def test_dockerfile_copies_only_existing_paths_and_every_package():
     assert packages and packages <= set(copied), f"packages not copied: {packages - set(copied)}"
 
 
+def test_dockerfile_installs_the_runtime_dependencies_only_and_imports_the_server():
+    """The image installs the project as `make serve` does (no extras: they are not what runs), apart from torch,
+    whose build it picks by index; and the build imports the whole server, so an undeclared import fails there."""
+    installs = [a for n, a in dockerfile_instructions() if n == "RUN" and "pip install" in a]
+    targets = [re.sub(r"\s*(&&|;).*", "", cmd).split() for a in installs for cmd in a.split("pip install")[1:]]
+    # Flags and their shell-variable values ($pin, "$TORCH_INDEX_URL") are not packages.
+    targets = [[w for w in words if not w.lstrip('"').startswith(("-", "$"))] for words in targets]
+    assert ["."] in targets, targets
+    assert all(words in (["."], ["torch"], ["pip"]) for words in targets), f"installs beyond the runtime list: {targets}"
+    check = next(a for n, a in dockerfile_instructions() if n == "RUN" and "default_model_dir()" in a)
+    assert "import server.serve" in check
+
+
 def test_dockerfile_runs_as_a_user_and_ships_the_demo_model():
     instructions = dockerfile_instructions()
     names = [n for n, _ in instructions]
