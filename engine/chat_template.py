@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -121,6 +122,31 @@ def _part_text(where: str, part: Any) -> str:
     if not isinstance(text, str):
         raise ValidationError(f"{where} is a text part without a string 'text'", "messages")
     return text
+
+
+def load_chat_template_arg(value: str) -> str:
+    """The template of `--chat-template FILE|TEMPLATE` (vLLM's rule): a file that exists is read; otherwise a value
+    with Jinja's `{` or a line break is the template itself; anything else was meant as a file that is not there.
+    A template that is not valid Jinja is refused here, at startup, rather than on every chat request."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            template = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValidationError(f"chat template file {value!r} cannot be read as UTF-8 text: {e}",
+                                  "chat_template") from e
+    elif any(c in value for c in "{}\n"):
+        template = value
+    else:
+        raise ValidationError(f"chat template {value!r} is not a file that exists, nor a Jinja template (one "
+                              "holds {{ ... }} or {% ... %}); give the path of a .jinja file or the template itself",
+                              "chat_template")
+    try:
+        _compile(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValidationError(f"chat template {value!r:.80} is not valid Jinja (line {e.lineno}): {e.message}",
+                              "chat_template") from e
+    return template
 
 
 def render_chat_template(

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 
+from engine.chat_template import load_chat_template_arg
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_dtype
 from engine.errors import ValidationError
+from engine.hub import resolve_model
 from kernels.backend import choose_attention_backend
 
 # "dummy" builds the model from config.json with random weights (benchmarks of published shapes, as in vLLM).
@@ -45,7 +47,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 @dataclass
 class EngineArgs:
-    model: str | Path | None = None  # None: the built-in demo model
+    model: str | Path | None = None  # a model directory or a Hugging Face Hub id ORG/NAME; None: the demo model
+    revision: str | None = None  # branch, tag or commit of a hub id (None: "main"); a local directory has none
+    chat_template: str | None = None  # a Jinja file or the template itself, replacing the model's (None: the model's)
     device: str | None = "auto"
     dtype: str | None = "auto"
     seed: int = 0
@@ -74,8 +78,7 @@ class EngineArgs:
         """Validate and freeze. max_model_len is provisional here: the engine caps it by the KV pool once sized."""
         from engine.default_model import default_model_dir
 
-        model_dir = Path(self.model) if self.model is not None else default_model_dir()
-        model = ModelConfig.from_dir(model_dir)
+        # The options that do not depend on the model first: a hub id may mean a long download before from_dir.
         device = resolve_device(self.device)
         _positive("block_size", self.block_size)
         if self.max_num_seqs is not None:
@@ -88,6 +91,19 @@ class EngineArgs:
             )
         kv_memory = parse_size(self.kv_cache_memory)
         _positive("kv_cache_memory", kv_memory)
+        if self.load_format not in LOAD_FORMATS:
+            raise ValidationError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}",
+                                  "load_format")
+        try:  # a bad or unavailable choice is the user's input: report it as such, before the model loads
+            choose_attention_backend(self.attention_backend, device)
+        except (ValueError, RuntimeError) as exc:
+            raise ValidationError(str(exc), "attention_backend") from None
+        chat_template = None if self.chat_template is None else load_chat_template_arg(self.chat_template)
+        if self.model is None:
+            model_dir = default_model_dir()
+        else:
+            model_dir = resolve_model(self.model, self.revision, self.load_format)
+        model = ModelConfig.from_dir(model_dir)
         max_model_len = self.max_model_len or model.max_position_embeddings
         _positive("max_model_len", max_model_len)
         if model.rope is None and max_model_len > model.max_position_embeddings:
@@ -110,13 +126,6 @@ class EngineArgs:
                 f"without chunked prefill, max_num_batched_tokens ({batched}) must be >= max_model_len ({max_model_len})",
                 "max_num_batched_tokens",
             )
-        if self.load_format not in LOAD_FORMATS:
-            raise ValidationError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}",
-                                  "load_format")
-        try:  # a bad or unavailable choice is the user's input: report it as such, before the model loads
-            choose_attention_backend(self.attention_backend, device)
-        except (ValueError, RuntimeError) as exc:
-            raise ValidationError(str(exc), "attention_backend") from None
         return EngineConfig(
             model=model,
             cache=CacheConfig(self.block_size, self.num_kv_blocks, kv_memory, self.gpu_memory_utilization,
@@ -128,6 +137,7 @@ class EngineArgs:
             attention_backend=self.attention_backend,
             load_format=self.load_format,
             enforce_eager=self.enforce_eager,
+            chat_template=chat_template,
         )
 
 

@@ -19,8 +19,8 @@ Prompt = str | list[int]
 class LLM:
     """Runs prompts to completion through the same engine the server uses.
 
-    LLM(model_path=None, **engine_args): model_path is a Hugging Face model directory (None: the
-    built-in demo model); engine_args are EngineArgs fields (device, dtype, max_model_len, ...).
+    LLM(model=None, **engine_args): model is a Hugging Face model directory or hub id ORG/NAME (None: the
+    built-in demo model); engine_args are EngineArgs fields (revision, device, dtype, max_model_len, ...).
     """
 
     def __init__(self, model: str | Path | None = None, **engine_args):

@@ -73,6 +73,8 @@ class _Counters:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.tokenizer = tokenizer_for(config.model, config.load_format)
+        if config.chat_template is not None:
+            self.tokenizer.override_chat_template(config.chat_template)
         self.runner = ModelRunner(config)
         num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)

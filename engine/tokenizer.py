@@ -207,6 +207,12 @@ class Tokenizer:
         )
         return self.encode(prompt, add_special_tokens=False)
 
+    def override_chat_template(self, template: str) -> None:
+        """--chat-template: `template` replaces the model's own for every conversation, with tools or without (as in
+        vLLM); the model's other named templates stay selectable by name."""
+        self._chat_templates.pop("tool_use", None)
+        self._chat_templates["default"] = template
+
     def _select_template(self, chat_template: str | None, tools: list[dict] | None) -> str:
         if chat_template is not None:
             return self._chat_templates.get(chat_template, chat_template)

@@ -24,6 +24,7 @@ from clients.bench.cli import (
 )
 from engine.engine_args import EngineArgs, parse_size
 from engine.errors import AttnServeError
+from server import __version__
 from server.config import DEFAULT_LIMIT_CONCURRENCY, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES
 
 DEFAULT_MODEL_NAME = "attnserve-demo"
@@ -49,14 +50,62 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a byte count like 4MiB, 512KiB or 1000000, got {text!r}") from None
 
 
+class _Unsupported(argparse.Action):
+    """A vLLM flag attnserve does not have: one line that says so and why, instead of 'unrecognized arguments'.
+    `accept` lists values that mean what attnserve does anyway (a parallel size of 1), which pass silently."""
+
+    def __init__(self, option_strings, dest, reason: str, accept: tuple[str, ...] = (), **kwargs):
+        super().__init__(option_strings, argparse.SUPPRESS, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                         **kwargs)
+        self.reason, self.accept = reason, accept
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is not None and values in self.accept:
+            return
+        parser.error(f"{option_string} is a vLLM flag that attnserve does not support: {self.reason}")
+
+
+# vLLM serve flags users carry over in launch scripts: (option strings, takes a value, values that are no-ops, why).
+UNSUPPORTED_VLLM_FLAGS: tuple[tuple[tuple[str, ...], bool, tuple[str, ...], str], ...] = (
+    (("--trust-remote-code",), False, (),
+     "attnserve never runs code from a model repository; its architectures (Llama, Mistral, Qwen2, Qwen3, GPT-2) "
+     "are built in, so drop the flag"),
+    (("--tensor-parallel-size", "-tp"), True, ("1",), "one process serves on one device (1 is accepted)"),
+    (("--pipeline-parallel-size", "-pp"), True, ("1",), "one process serves on one device (1 is accepted)"),
+    (("--data-parallel-size", "-dp"), True, ("1",), "one process serves on one device (1 is accepted)"),
+    (("--quantization", "-q"), True, (), "weights run in --dtype (float32, float16 or bfloat16)"),
+    (("--kv-cache-dtype",), True, ("auto",), "the KV cache is kept in the model's --dtype ('auto' is accepted)"),
+    (("--enable-lora", "--lora-modules"), None, (), "LoRA adapters are not supported"),
+    (("--speculative-config",), True, (), "speculative decoding is not supported yet"),
+    (("--tokenizer",), True, (), "the tokenizer is read from the model directory (tokenizer.json)"),
+    (("--cpu-offload-gb", "--swap-space"), True, ("0",), "weights and KV cache stay on the serving device"),
+    (("--ssl-keyfile", "--ssl-certfile"), True, (), "TLS is not terminated by attnserve; put a proxy in front"),
+)
+
+
+def _add_unsupported_vllm_flags(p: argparse.ArgumentParser) -> None:
+    for names, takes_value, accept, reason in UNSUPPORTED_VLLM_FLAGS:
+        nargs = 0 if takes_value is False else ("?" if takes_value is None else None)
+        p.add_argument(*names, action=_Unsupported, reason=reason, accept=accept, nargs=nargs)
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_tag", nargs="?", metavar="MODEL", default=None,
+                   help="the model to serve, as in `vllm serve MODEL`: the same as --model")
     model = p.add_argument_group("model")
-    model.add_argument("--model", metavar="DIR", default=None,
-                       help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json). "
-                            "Default: the built-in demo model, a small Python code-completion model (models/demo)")
+    model.add_argument("--model", metavar="DIR|ID", default=None,
+                       help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json), or a hub id "
+                            "such as Qwen/Qwen2.5-0.5B-Instruct, found in the Hugging Face cache ($HF_HOME) or "
+                            "downloaded there when the network allows. Default: the built-in demo model, a small "
+                            "Python code-completion model (models/demo)")
+    model.add_argument("--revision", default=None,
+                       help="for a hub id: the branch, tag or commit to serve (default: main)")
     model.add_argument("--served-model-name", metavar="NAME", nargs="+", default=None,
                        help="name(s) clients use in the 'model' field; the first is reported in responses. "
                             f"Default: the --model argument, or {DEFAULT_MODEL_NAME!r}")
+    model.add_argument("--chat-template", metavar="FILE|TEMPLATE", default=None,
+                       help="a Jinja chat template, as a file or as the template itself, used instead of the "
+                            "model's own (default: the model's, from tokenizer_config.json or chat_template.jinja)")
     model.add_argument("--dtype", default="auto",
                        help="weights and activations: auto (bfloat16 on CUDA, float32 on CPU), float32, float16, "
                             "bfloat16 (default: auto)")
@@ -125,20 +174,31 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     cache.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                        help="reuse the KV blocks of prompt prefixes seen before (system prompts, chat history); "
                             "requests with a cache_salt share only with the same salt (default: on)")
-    cache.add_argument("--num-kv-blocks", type=positive_int, default=None,
-                       help="KV blocks to allocate; overrides --kv-cache-memory and --gpu-memory-utilization")
+    cache.add_argument("--num-kv-blocks", "--num-gpu-blocks-override", type=positive_int, default=None,
+                       help="KV blocks to allocate; overrides --kv-cache-memory and --gpu-memory-utilization "
+                            "(--num-gpu-blocks-override is vLLM's name)")
     cache.add_argument("--kv-cache-memory", type=_size, default=None,
                        help="KV cache size on CPU, e.g. 2GiB (default: 1GiB)")
     cache.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9,
                        help="fraction of GPU memory for weights, activations and KV cache (default: 0.9)")
     cache.add_argument("--attention-backend", default=None,
                        help="auto (default: triton on CUDA when installed, else sdpa), sdpa, or triton")
+    _add_unsupported_vllm_flags(p)
+
+
+def resolve_model_arg(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """`serve MODEL` and `serve --model MODEL` are the same; both at once must agree."""
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            parser.error(f"the model is given twice, as {args.model_tag!r} and as --model {args.model!r}; give one")
+        args.model = args.model_tag
+    return args
 
 
 def engine_args_from(args: argparse.Namespace) -> EngineArgs:
     extra = {} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}
     return EngineArgs(
-        model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
+        model=args.model, revision=args.revision, chat_template=args.chat_template, device=args.device, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=args.enable_chunked_prefill,
@@ -163,18 +223,33 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="attnserve", description="attnserve: an inference server for decoder-only LLMs.")
+    _add_version(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    parsers = {}
     for name, (help_text, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
+        parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(parsers[name])
+    _add_version(parsers["serve"])
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        resolve_model_arg(parsers["serve"], args)
     return COMMANDS[args.command][2](args)
 
 
-def serve_main(argv: list[str] | None = None, prog: str = "attnserve serve") -> int:
+def parse_serve_args(argv: list[str] | None = None, prog: str = "attnserve serve") -> argparse.Namespace:
     parser = _Parser(prog=prog, description=COMMANDS["serve"][0])
+    _add_version(parser)
     add_serve_args(parser)
-    return _run_serve(parser.parse_args(argv))
+    return resolve_model_arg(parser, parser.parse_args(argv))
+
+
+def serve_main(argv: list[str] | None = None, prog: str = "attnserve serve") -> int:
+    return _run_serve(parse_serve_args(argv, prog))
+
+
+def _add_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=f"attnserve {__version__}")
 
 
 if __name__ == "__main__":
