@@ -2,7 +2,7 @@
 
     python benchmarks/prefix_cache.py --model DIR        # default: a ~51M Llama shape built in a temp dir
 
-Two workloads of --num-requests requests, all queued at once, greedy, --output-len tokens each (ignore_eos):
+Two workloads of --num-prompts requests, all queued at once, greedy, --output-len tokens each (ignore_eos):
   shared  a --prefix-len token system prompt shared by every request, plus a --suffix-len unique suffix;
   random  prompts of the same total length with nothing in common (a 0% hit rate: what caching costs).
 Each workload runs on two engines, caching on and off; the outputs must be identical. TTFT is the engine's own
@@ -57,7 +57,9 @@ def run(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="HF model directory (default: build a ~51M Llama shape)")
-    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--num-requests", type=int, dest="num_prompts", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the former name; `attnserve bench` says --num-prompts, as vLLM does
     p.add_argument("--prefix-len", type=int, default=1000)
     p.add_argument("--suffix-len", type=int, default=100)
     p.add_argument("--output-len", type=int, default=16)
@@ -74,11 +76,11 @@ def main() -> int:
         vocab = engines[True].vocab_size
         for engine in engines.values():  # warm-up: first-call costs stay out of the timings
             run(engine, [[11 + i for i in range(64)]], 4)
-        print(f"# {platform.processor() or platform.machine()}, {args.model}, {args.num_requests} requests, "
+        print(f"# {platform.processor() or platform.machine()}, {args.model}, {args.num_prompts} requests, "
               f"prefix {args.prefix_len} + suffix {args.suffix_len}, output {args.output_len}")
         print(f"{'workload':8} {'caching':8} {'total (s)':>10} {'TTFT p50 (s)':>13} {'cached tokens':>14}")
         results = {}
-        for name, prompts in workloads(args.num_requests, args.prefix_len, args.suffix_len, vocab,
+        for name, prompts in workloads(args.num_prompts, args.prefix_len, args.suffix_len, vocab,
                                        args.seed).items():
             for on in (True, False):
                 r = results[name, on] = run(engines[on], prompts, args.output_len)

@@ -1,9 +1,10 @@
 """The served /openapi.json, made exact: every status a route can answer, and the bounds this server enforces.
 
 FastAPI's generated document is close but not true: it lists a 422 the API never sends (validation errors are 400s),
-leaves out the statuses middleware answers (401, 408, 413, 415, 431, 503), and cannot know the bounds that depend on
-the loaded model (token ids below the vocabulary size, max_tokens up to max_model_len, the served model names). Clients
-and fuzzers read the document to learn what is valid, so those are filled in here, once per app.
+leaves out the statuses middleware answers (401, 408, 413, 415, 431, 503) and the 405 routing answers to a method a
+path does not take, and cannot know the bounds that depend on the loaded model (token ids below the vocabulary size,
+max_tokens up to max_model_len, the served model names). Clients and fuzzers read the document to learn what is
+valid, so those are filled in here, once per app.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ _DESCRIPTIONS = {
     400: "Invalid request: malformed JSON, a field of the wrong type or out of range",
     401: "Missing or wrong API key",
     404: "Unknown model",
+    405: "This path does not take the request's method; the Allow header lists the methods it does take",
     408: "The request body did not arrive in time",
     413: "The request body is larger than the server allows",
     415: "The Content-Type is not application/json",
@@ -61,7 +63,9 @@ def _operations(doc: dict[str, Any]):
 
 
 def _statuses(path: str, method: str, api_key: bool) -> set[int]:
-    statuses = {431}  # HeaderLimit runs before everything else
+    # HeaderLimit runs before everything else. Every path answers 405 to the methods it lacks; OpenAPI has no place
+    # for a method a path does not have, so the 405 is listed under each operation the path does have.
+    statuses = {405, 431}
     if path == "/health":
         statuses.add(503)
     if path in _PROBES:
@@ -90,10 +94,12 @@ def _document_statuses(doc: dict[str, Any], api_key: bool) -> None:
             for status in sorted(_statuses(path, method, api_key)):
                 responses[str(status)] = {"description": _DESCRIPTIONS[status],
                                           "content": {"application/json": {"schema": _ERROR_REF}}}
+            responses["405"]["headers"] = {"Allow": {"description": "The methods this path takes",
+                                                     "schema": {"type": "string"}}}
     schemas = doc["components"]["schemas"]
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
-    error = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    error = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
     schemas.update(error.pop("$defs", {}))
     schemas["ErrorResponse"] = error
 

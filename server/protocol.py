@@ -147,7 +147,9 @@ class DetokenizeRequest(_Strict):
 
 
 class _Out(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # NOTE: every response carries all of its model's fields, defaults and nulls included (FastAPI serializes the
+    # whole model; the handlers that build JSON themselves write every key), so the document marks them required.
+    model_config = ConfigDict(extra="allow", json_schema_serialization_defaults_required=True)
 
 
 class ErrorInfo(_Out):
@@ -250,14 +252,18 @@ class ModelList(_Out):
 
 
 class TokenizeResponse(_Out):
-    count: int
-    max_model_len: int
+    """vLLM's /tokenize answer."""
+
+    count: int = Field(description="The number of tokens.")
+    max_model_len: int = Field(description="The longest sequence (prompt plus output) the server accepts.")
     tokens: list[int]
-    token_strs: list[str] | None = None
+    token_strs: list[str] | None = Field(
+        None, description="Each token as the vocabulary spells it (e.g. 'Ġthe' in a byte-level BPE), with "
+                          "return_token_strs: true; null otherwise.")
 
 
 class DetokenizeResponse(_Out):
-    prompt: str
+    prompt: str = Field(description="The decoded text, special tokens included.")
 
 
 class VersionResponse(_Out):

@@ -77,6 +77,41 @@ def test_random_workload_exact_lengths_and_server_deltas(server, tmp_path, capsy
     assert "Serving Benchmark Result" in out and "Server TTFT p50 (ms):" in out and "Mean TPOT (ms):" in out
 
 
+def test_default_lengths_fit_the_servers_max_model_len(server, tmp_path, capsys):
+    # vLLM's defaults (1024 + 128 tokens) do not fit this server's 128; they are scaled down, and the line says so.
+    data = _bench(server.url, tmp_path, "--num-prompts", "2")
+    records = data["records"]
+    assert data["summary"]["failed"] == 0
+    assert (data["config"]["input_len"], data["config"]["output_len"]) == (113, 14)  # 8:1, 127 of 128 tokens
+    assert all(r["prompt_len"] == 113 and r["output_len"] == 14 for r in records)
+    err = capsys.readouterr().err
+    assert f"lowered to fit the server's max_model_len {MAX_MODEL_LEN}" in err
+
+
+def test_lengths_that_cannot_fit_fail_before_any_request(server, capsys):
+    before = _server_tokens(server.url)
+    for command, points in (("serve", []), ("sweep", ["--max-concurrencies", "1"])):
+        assert main(["bench", command, "--base-url", server.url, "--disable-tqdm", *points, "--input-len", "120",
+                     "--output-len", "9"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err == (f"attnserve bench {command}: error: --input-len 120 + --output-len 9 reach 129 tokens, above "
+                       f"the server's max_model_len {MAX_MODEL_LEN}; lower them")
+    assert _server_tokens(server.url) == before  # no completion request reached the server
+
+
+def test_vllm_flag_names(server, tmp_path):
+    results = tmp_path / "results"
+    rc = main(["bench", "serve", "--base-url", server.url, "--disable-tqdm", "--num-prompts", "4",
+               "--dataset-name", "random", "--random-input-len", "12", "--random-output-len", "4",
+               "--random-range-ratio", "0.5", "--max-concurrency", "2", "--save-result", "--result-dir", str(results)])
+    assert rc == 0
+    [saved] = results.iterdir()
+    assert saved.name.startswith(f"completions-infqps-concurrency2-{MODEL}-") and saved.suffix == ".json"
+    data = json.loads(saved.read_text())
+    assert data["config"]["input_len"] == 12 and data["config"]["range_ratio"] == 0.5
+    assert all(6 <= r["prompt_len"] <= 18 and 2 <= r["output_len"] <= 6 for r in data["records"])
+
+
 def test_chat_endpoint_counts_the_templated_prompt(server, tmp_path):
     before = _server_tokens(server.url)
     data = _bench(server.url, tmp_path, "--endpoint", "chat", "--num-prompts", "12", "--input-len", "30",
@@ -127,7 +162,8 @@ def test_sharegpt_dataset(server, tmp_path):
     with httpx.Client(base_url=server.url, timeout=30) as client:
         expected = [client.post("/tokenize", json={"prompt": a, "add_special_tokens": False}).json()["count"]
                     for a in answers]
-    data = _bench(server.url, tmp_path, "--dataset", str(path), "--num-prompts", "2")
+    # vLLM's spelling, which also checks that the file is ShareGPT (tests/test_bench_cli_names.py: the mismatch).
+    data = _bench(server.url, tmp_path, "--dataset-name", "sharegpt", "--dataset-path", str(path), "--num-prompts", "2")
     assert [r["max_tokens"] for r in data["records"]] == expected
     assert all(r["success"] and r["output_len"] == r["max_tokens"] for r in data["records"])
 
@@ -231,9 +267,10 @@ def test_offline_runs_in_process(make_ckpt, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(offline, "_transformers_available", lambda: False)
     out = tmp_path / "offline.json"
-    assert main(["bench", "offline", "--model", str(make_ckpt("llama")), "--num-requests", "4", "--input-len", "4",
-                 "8", "--output-len", "2", "4", "--json", str(out)]) == 0
+    assert main(["bench", "offline", "--model", str(make_ckpt("llama")), "--num-prompts", "4", "--input-len", "6",
+                 "--output-len", "3", "--range-ratio", "0.34", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "transformers is not installed" in printed and "attnserve:" in printed
     report = json.loads(out.read_text())
-    assert report["transformers"] == [] and report["attnserve"]["output_tokens"] >= 4 * 2
+    assert report["workload"] == {"requests": 4, "input_len": [3, 9], "output_len": [1, 5]}
+    assert report["transformers"] == [] and report["attnserve"]["output_tokens"] >= 4

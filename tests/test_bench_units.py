@@ -24,7 +24,7 @@ from clients.bench.datasets import (
     random_lengths,
 )
 from clients.bench.metrics import RequestRecord, describe, goodput, meets_slos, percentile, summarize, tpot_ms
-from clients.bench.report import format_summary, token_rate_series
+from clients.bench.report import format_summary, load_label, plot_title, run_figure, sweep_figure, token_rate_series
 from clients.bench.runner import RunConfig, send_request
 from clients.bench.scrape import histogram_buckets, histogram_quantile, parse_exposition, server_summary
 
@@ -138,6 +138,42 @@ def test_token_rate_series_spreads_usage_tokens_over_chunks():
 
 
 # ----- server metrics -----
+
+
+# ----- plots -----
+
+
+def _point(rate: float | str, concurrency: int | None, throughput: float, ms: float) -> dict:
+    stats = {"mean": ms, "median": ms, "p90": ms * 1.2, "p99": ms * 1.5, "max": ms * 2}
+    return {"request_rate": rate, "max_concurrency": concurrency, "output_throughput": throughput,
+            "ttft_ms": stats, "tpot_ms": stats}
+
+
+def test_sweep_plot_names_model_and_workload_and_keeps_labels_in_the_frame():
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (the plot extra)")
+    # The rate-inf point is the fastest and the slowest: at the top right corner, where a label drawn up and to
+    # the right of its point leaves the axes.
+    points = [_point(1, 8, 60, 20), _point(4, 8, 230, 40), _point(16, 8, 400, 90), _point("inf", 8, 520, 900)]
+    title = plot_title("attnserve-demo", "random 256→64 tok", load_label([1, 4, 16, math.inf], [8]))
+    assert title == "attnserve-demo · random 256→64 tok · rate 1, 4, 16, inf req/s, concurrency 8"
+    fig = sweep_figure(points, title)
+    fig.canvas.draw()
+    assert fig.get_suptitle() == title
+    for ax in fig.axes:
+        frame = ax.get_window_extent()
+        labels = {text.get_text(): text.get_window_extent() for text in ax.texts}
+        assert set(labels) == {"1 req/s", "4 req/s", "16 req/s", "inf req/s"}  # the varying part only
+        for label, box in labels.items():
+            assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, label
+
+
+def test_run_plot_names_model_workload_and_load():
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (the plot extra)")
+    records = [_record(i, ttft=10 + i, e2el=50 + i, out=4) for i in range(5)]
+    title = plot_title("m", "sharegpt.json, chat", load_label([math.inf], [None]))
+    fig = run_figure(records, 2.0, title)
+    assert fig.get_suptitle().splitlines() == ["m · sharegpt.json, chat · rate inf, concurrency unlimited",
+                                               "5 of 5 requests succeeded in 2.0 s"]
 
 
 def test_histogram_quantile_matches_hand_computed_values():

@@ -1,5 +1,5 @@
-"""--load-format dummy: a model from config.json alone with seeded random weights, never a weight file; the demo
-tokenizer standing in for a missing tokenizer.json; the published benchmark shapes in benchmarks/configs."""
+"""--load-format dummy: a model from config.json alone with seeded random weights, never a weight file; the built-in
+test tokenizer standing in for a missing tokenizer.json; the published benchmark shapes in benchmarks/configs."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer as RawTokenizer
 
 from engine import LLM, ModelLoadError, SamplingParams
 from engine.config import ModelConfig
+from engine.default_model import build_bpe_tokenizer, default_model_dir
 from engine.models.common import RMSNorm
+from engine.models.dummy import tokenizer_for
 from engine.models.loader import build_meta_model, load_model
 from server_process import ServerProcess
 
@@ -45,7 +48,7 @@ def test_config_only_directory_generates_finite_output(make_ckpt, tmp_path, capl
     # The start-up log says the weights are random, and why the tokenizer is not the model's.
     warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert "weights are RANDOM" in warnings and "seed 0" in warnings
-    assert "built-in demo tokenizer" in warnings and "for benchmarks only" in warnings
+    assert "built-in test tokenizer" in warnings and "for benchmarks only" in warnings
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gpt2"])
@@ -108,12 +111,29 @@ def test_the_directory_tokenizer_wins_and_the_fallback_is_dummy_only(make_ckpt, 
     with_tokenizer = config_only(make_ckpt, "llama", tmp_path / "t", "tokenizer.json", "tokenizer_config.json")
     with caplog.at_level(logging.WARNING):
         llm = LLM(str(with_tokenizer), load_format="dummy", device="cpu")
-    assert "demo tokenizer" not in caplog.text
-    # The directory's tokenizer keeps its eos; the demo stand-in below has none of its own.
+    assert "built-in test tokenizer" not in caplog.text
+    # The directory's tokenizer keeps its eos; the built-in stand-in has none of its own.
     assert llm.get_tokenizer().eos_token_id is not None
     # Without dummy a missing tokenizer.json is an error, as before: the stand-in is for benchmarks only.
     with pytest.raises(ModelLoadError, match="tokenizer.json"):
         LLM(str(config_only(make_ckpt, "llama", tmp_path / "bare")), device="cpu")
+
+
+def test_the_fallback_warning_names_the_tokenizer_really_used(make_ckpt, tmp_path, caplog):
+    """The stand-in is engine.default_model's byte-level BPE, not the demo model's tokenizer: the warning says so,
+    with the size of the tokenizer it really returns."""
+    cfg = ModelConfig.from_dir(config_only(make_ckpt, "llama", tmp_path / "m"))
+    with caplog.at_level(logging.WARNING, logger="engine.models.dummy"):
+        tokenizer = tokenizer_for(cfg, "dummy")
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "engine.models.dummy"]
+    reference = build_bpe_tokenizer()
+    text = "def main():\n    print('héllo, wörld')"
+    assert tokenizer.encode(text, add_special_tokens=False) == reference.encode(text, add_special_tokens=False).ids
+    size = reference.get_vocab_size(with_added_tokens=True)
+    assert f"built-in test tokenizer, a {size}-token byte-level BPE" in warning, warning
+    demo_size = RawTokenizer.from_file(str(default_model_dir() / "tokenizer.json")).get_vocab_size()
+    assert demo_size != size and f"{demo_size}-token" not in warning, warning
+    assert "demo tokenizer" not in warning, warning
 
 
 def test_serve_with_load_format_dummy_answers_a_completion(make_ckpt, tmp_path):
@@ -126,7 +146,7 @@ def test_serve_with_load_format_dummy_answers_a_completion(make_ckpt, tmp_path):
         log = server.log()
     assert resp.status_code == 200, resp.text
     assert resp.json()["usage"]["completion_tokens"] == 4
-    assert "weights are RANDOM" in log and "demo tokenizer" in log
+    assert "weights are RANDOM" in log and "built-in test tokenizer" in log
 
 
 # Totals of the published checkpoints: Qwen3-0.6B 0.6B (0.44B without its tied embedding), Llama 3 8B 8.03B.

@@ -12,7 +12,7 @@ import pytest
 
 from engine.llm_engine import EngineStats
 from engine.stats import RequestTimes
-from server.logs import JsonFormatter, RequestLog, StatsReporter, TextFormatter
+from server.logs import JsonFormatter, RequestLog, StatsReporter, TextFormatter, TimedStream
 from server_process import InProcessServer, ServerProcess
 
 MODEL = "logs-model"
@@ -88,7 +88,7 @@ def test_line_aggregates_prompts_and_samples():
     b = SimpleNamespace(num_output_tokens=2, finish_reasons={1: "length"}, num_cached_tokens=16,
                         metrics=RequestTimes(arrival=20.0, first_scheduled=20.1, first_token=20.2))
     tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens: f"decoded {ids}")
-    fields = RequestLog("cmpl-x", prepared, [a, b], log_prompts=True).fields(200, tokenizer)
+    fields = RequestLog("cmpl-x", prepared, [TimedStream(a), TimedStream(b)], log_prompts=True).fields(200, tokenizer)
     assert fields["finish_reason"] == "length,stop,abort"
     assert (fields["prompt_tokens"], fields["output_tokens"], fields["cached_tokens"]) == (5, 9, 16)
     assert fields["queue_s"] == 0.5 and fields["ttft_s"] == pytest.approx(0.2)
@@ -106,6 +106,46 @@ def test_client_disconnect_is_logged_as_aborted(server, request_lines):
     assert line["status"] == 499 and line["finish_reason"] == "abort"
     assert 1 <= line["output_tokens"] < 200
     server.wait_idle()
+
+
+def _stream_until_first_token(client, payload: dict) -> tuple:
+    """Open a streamed completion and read up to its first token. Returns the response (still open), its line
+    iterator, and the seconds from sending the request to receiving that token, as the client saw them."""
+    sent = time.monotonic()
+    request = client.build_request("POST", "/v1/completions", json=payload)
+    response = client.send(request, stream=True)
+    lines = response.iter_lines()
+    for raw in lines:
+        if raw.startswith("data: {") and json.loads(raw[6:])["choices"][0]["text"]:
+            return response, lines, time.monotonic() - sent
+    raise AssertionError("the stream ended before its first token")
+
+
+def test_client_disconnect_logs_the_ttft_of_the_tokens_it_got(server, request_lines):
+    """The engine stamps TTFT only on a finished request's output; one the client left still reports it."""
+    payload = {"prompt": "keep going", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with server.client() as c:
+        response, _, client_ttft = _stream_until_first_token(c, payload)
+        response.close()  # leave after the first token
+    (line,) = request_lines(1)
+    assert line["status"] == 499 and line["finish_reason"] == "abort" and 1 <= line["output_tokens"] < 200
+    # The server saw the request arrive after the client sent it, and the token before the client got it.
+    assert line["ttft_s"] is not None and 0 < line["ttft_s"] <= client_ttft, (line, client_ttft)
+    assert line["ttft_s"] <= line["e2e_s"], line
+    server.wait_idle()
+
+
+def test_engine_stop_logs_the_ttft_of_the_tokens_it_got(make_ckpt, request_lines):
+    payload = {"prompt": "keep going", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with InProcessServer(make_ckpt("llama"), max_model_len=512, num_kv_blocks=64) as s, s.client() as c:
+        response, lines, client_ttft = _stream_until_first_token(c, payload)
+        s.engine.shutdown(reason="stopped by the test")
+        rest = list(lines)  # the error event and [DONE]
+        response.close()
+    (line,) = request_lines(1)
+    assert any("stopped by the test" in raw for raw in rest), rest
+    assert line["status"] == 503 and line["finish_reason"] == "abort" and 1 <= line["output_tokens"] < 400
+    assert line["ttft_s"] is not None and 0 < line["ttft_s"] <= client_ttft, (line, client_ttft)
 
 
 def test_rejected_request_writes_no_request_line(server, request_lines, caplog):

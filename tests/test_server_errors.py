@@ -23,7 +23,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import jsonschema_rs  # schemathesis validates with it; here it checks answers against /openapi.json
 import pytest
+from tokenizers import Tokenizer
 
 from checkpoints import copy_with_chat_template
 from server_process import REPO, InProcessServer, ServerProcess
@@ -44,6 +46,9 @@ ERROR_TYPES = {
     431: "RequestHeaderFieldsTooLargeError",
     503: "ServiceUnavailableError",
 }
+
+OPENAPI_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")  # a Path Item's operations
+ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -120,6 +125,32 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
     for text in contains:
         assert text in error["message"], f"{text!r} not in {error['message']!r}"
     return error["message"]
+
+
+def resolve(doc: dict, schema: dict) -> dict:
+    """The schema a `{"$ref": "#/components/..."}` of the served document points at."""
+    node = doc
+    for part in schema["$ref"].removeprefix("#/").split("/"):
+        node = node[part]
+    return node
+
+
+def schema_validator(doc: dict, schema: dict) -> jsonschema_rs.Draft202012Validator:
+    """A validator for a schema taken from the served document, its $refs resolved within that document (OpenAPI
+    3.1 schemas are JSON Schema 2020-12)."""
+    return jsonschema_rs.Draft202012Validator({**schema, "components": doc["components"]})
+
+
+def documented_200(doc: dict, path: str) -> dict:
+    return doc["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+
+
+def assert_documented_shape(doc: dict, path: str, answer: dict) -> None:
+    """`answer` is valid against the documented 200 schema of POST `path`, and has exactly its keys, all required."""
+    documented = documented_200(doc, path)
+    schema_validator(doc, documented).validate(answer)
+    schema = resolve(doc, documented)
+    assert set(answer) == set(schema["properties"]) == set(schema["required"]), (answer, schema)
 
 
 def names_number(message: str, number: str) -> bool:
@@ -362,10 +393,31 @@ def test_unknown_route_is_404(http, method, path):
     assert_error(http.request(method, path, **kwargs), 404, None, contains=[path])
 
 
-@pytest.mark.parametrize(("method", "path"), [("GET", COMPLETIONS), ("GET", CHAT), ("POST", "/v1/models"),
-                                              ("DELETE", CHAT), ("PUT", "/tokenize"), ("GET", "/detokenize")])
-def test_wrong_method_is_405(http, method, path):
-    assert_error(http.request(method, path), 405, None, contains=[method, path])
+@pytest.mark.parametrize("client", ["http", "auth_http"])
+def test_every_method_a_path_lacks_is_a_documented_405(request, client):
+    """For every path in /openapi.json and every OpenAPI method it does not take: the answer is a 405 in the OpenAI
+    shape with an Allow header naming the methods the path does take, and the document lists that 405, with the
+    Allow header and the error schema, under each operation of the path (OpenAPI has no place for a missing one)."""
+    http = request.getfixturevalue(client)
+    headers = {"Authorization": f"Bearer {API_KEY}"} if client == "auth_http" else {}
+    doc = http.get("/openapi.json", headers=headers).json()
+    error_schema = schema_validator(doc, ERROR_REF)
+    assert set(doc["paths"]) >= {COMPLETIONS, CHAT, "/v1/models", "/tokenize", "/detokenize", "/health"}
+    for path, item in doc["paths"].items():
+        taken = [method for method in OPENAPI_METHODS if method in item]
+        for method in taken:
+            documented = item[method]["responses"].get("405")
+            assert documented is not None, f"{method.upper()} {path} does not document 405"
+            assert documented["content"] == {"application/json": {"schema": ERROR_REF}}, documented
+            assert "Allow" in documented["headers"], documented
+        for method in sorted(set(OPENAPI_METHODS) - set(taken)):
+            response = http.request(method.upper(), path, headers=headers)
+            assert response.status_code == 405, (method, path, response.text)
+            allowed = {m.strip() for m in response.headers["allow"].split(",")}
+            assert allowed == {m.upper() for m in taken}, (method, path, allowed)
+            if method != "head":  # an answer to HEAD has no body
+                assert_error(response, 405, None, contains=[method.upper(), path])
+                error_schema.validate(response.json())
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
@@ -526,6 +578,38 @@ def test_tokenize_detokenize_round_trip(http):
     detokenized = http.post("/detokenize", json={"model": MODEL, "tokens": body["tokens"]})
     assert detokenized.status_code == 200, detokenized.text
     assert detokenized.json() == {"prompt": text}
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "The quick brown fox, naïvely."},
+    {"prompt": "The quick brown fox, naïvely.", "add_special_tokens": False, "return_token_strs": True},
+    {"messages": MESSAGES, "return_token_strs": True},
+], ids=["prompt", "prompt-token-strs", "messages-token-strs"])
+def test_tokenize_and_detokenize_answer_the_documented_shape(http, llama, body):
+    """Real answers against the 200 schemas of /openapi.json: valid, with exactly the documented keys (all of them
+    required: the answer always carries each one, token_strs as null unless asked for), and values that agree with
+    the checkpoint's own tokenizer."""
+    doc = http.get("/openapi.json").json()
+    reference = Tokenizer.from_file(str(llama / "tokenizer.json"))
+    tokenized = http.post("/tokenize", json=body)
+    assert tokenized.status_code == 200, tokenized.text
+    answer = tokenized.json()
+    assert_documented_shape(doc, "/tokenize", answer)
+    assert answer["count"] == len(answer["tokens"]) and answer["max_model_len"] == MAX_MODEL_LEN
+    if "prompt" in body:
+        expected = reference.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
+        assert answer["tokens"] == expected.ids
+    if body.get("return_token_strs"):
+        assert answer["token_strs"] == [reference.id_to_token(t) for t in answer["tokens"]]
+    else:
+        assert answer["token_strs"] is None
+        # The document does not let the key go missing, since it never does.
+        without = {k: v for k, v in answer.items() if k != "token_strs"}
+        assert not schema_validator(doc, documented_200(doc, "/tokenize")).is_valid(without)
+    detokenized = http.post("/detokenize", json={"tokens": answer["tokens"]})
+    assert detokenized.status_code == 200, detokenized.text
+    assert_documented_shape(doc, "/detokenize", detokenized.json())
+    assert detokenized.json()["prompt"] == reference.decode(answer["tokens"], skip_special_tokens=False)
 
 
 @pytest.mark.parametrize("tokens", [[1, 999999], [-1], [4096]])

@@ -16,8 +16,15 @@ from clients.base import API_KEY_ENV, DEFAULT_BASE_URL
 
 DEFAULT_NUM_PROMPTS = 1000  # vLLM's default, so results compare
 DEFAULT_DURATION_PROMPTS = 100  # distinct prompts cycled through when --duration is given
+# vLLM's random-dataset defaults, lowered when the server's max_model_len is smaller (datasets.fit_lengths).
 DEFAULT_INPUT_LEN = 1024
 DEFAULT_OUTPUT_LEN = 128
+DATASET_NAMES = ("random", "sharegpt", "custom")  # vLLM's --dataset-name values that map onto --dataset
+# `bench offline`: 64 prompts, input and output lengths uniform in [32, 256] (the recorded results' workload, see
+# docs/benchmarks.md): floor(144 * 0.225) = 32 and ceil(144 * 1.775) = 256.
+OFFLINE_NUM_PROMPTS = 64
+OFFLINE_LEN = 144
+OFFLINE_RANGE_RATIO = 0.775
 GOODPUT_KEYS = ("ttft", "tpot", "e2el")
 
 
@@ -82,19 +89,26 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
 
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
-    g.add_argument("--dataset", default="random", metavar="random|FILE",
+    g.add_argument("--dataset", "--dataset-path", default="random", metavar="random|FILE",
                    help="'random': prompts of exact token counts (--input-len, --range-ratio); or a .jsonl file "
-                        "of {\"prompt\": str} or {\"messages\": [...]} records with optional \"max_tokens\", or a "
-                        "ShareGPT JSON file (first human turn = prompt, the gpt answer's token count = max_tokens). "
-                        "Records are used in file order (default: random)")
-    g.add_argument("--input-len", type=positive_int, default=DEFAULT_INPUT_LEN,
+                        "of {\"prompt\": str} or {\"messages\": [...]} records with optional \"max_tokens\" (or "
+                        "vLLM's \"output_tokens\"), or a ShareGPT JSON file (first human turn = prompt, the gpt "
+                        "answer's token count = max_tokens). Records are used in file order (default: random)")
+    g.add_argument("--dataset-name", choices=DATASET_NAMES, default=None,
+                   help="vLLM's spelling: random; or sharegpt (a ShareGPT JSON file) or custom (a JSONL file of "
+                        "prompt records) with --dataset-path FILE, its format checked against the name "
+                        "(default: random)")
+    g.add_argument("--input-len", "--random-input-len", type=positive_int, default=None, metavar="L",
                    help=f"random dataset: prompt tokens, counted as the server counts them (/tokenize: with BOS "
-                        f"for completions, the templated chat for chat) (default: {DEFAULT_INPUT_LEN})")
-    g.add_argument("--output-len", type=positive_int, default=None,
+                        f"for completions, the templated chat for chat) (default: {DEFAULT_INPUT_LEN}, lowered to "
+                        f"fit the server's max_model_len)")
+    g.add_argument("--output-len", "--random-output-len", type=positive_int, default=None, metavar="L",
                    help=f"max_tokens of every request; for a file it overrides the lengths the file gives "
-                        f"(default: {DEFAULT_OUTPUT_LEN} for random, else the file's)")
-    g.add_argument("--range-ratio", type=range_ratio, default=0.0,
-                   help="random dataset: lengths uniform in [L*(1-r), L*(1+r)], as in vLLM (default: 0, exact)")
+                        f"(default: {DEFAULT_OUTPUT_LEN} for random, lowered to fit the server's max_model_len; "
+                        f"else the file's)")
+    g.add_argument("--range-ratio", "--random-range-ratio", type=range_ratio, default=0.0, metavar="R",
+                   help="random dataset: lengths uniform in [floor(L*(1-r)), ceil(L*(1+r))], as in vLLM "
+                        "(default: 0, exact)")
     g.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="a tokenizer.json or model directory to count tokens locally, for servers without "
                         "/tokenize and /detokenize (default: ask the server)")
@@ -138,6 +152,15 @@ def _add_output_args(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--out", default=None, metavar="FILE.json",
                    help="write the configuration, " + ("every point's summary and records" if sweep else
                                                        "every request's record and the summary") + " as JSON")
+    g.add_argument("--save-result", action="store_true",
+                   help="vLLM's spelling of --out: write the same JSON to --result-dir/--result-filename")
+    g.add_argument("--result-dir", default=None, metavar="DIR",
+                   help="where --save-result writes, created if missing; implies --save-result (default: .)")
+    g.add_argument("--result-filename", default=None, metavar="NAME",
+                   help="the file --save-result writes; implies --save-result (default: " +
+                        ("{endpoint}-sweep-{model}-{YYYYMMDD-HHMMSS}.json" if sweep else
+                         "{endpoint}-{rate}qps[-concurrency{C}]-{model}-{YYYYMMDD-HHMMSS}.json") +
+                        ", as vLLM names it, with -2, -3, ... added rather than overwriting a file)")
     g.add_argument("--plot", default=None, metavar="FILE.png",
                    help=("throughput vs latency (TTFT p50/p99, TPOT p50/p99 against output tokens/s)" if sweep else
                          "CDFs of TTFT, ITL and E2EL, and output tokens/s over time")
@@ -160,14 +183,21 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_offline_args(p: argparse.ArgumentParser) -> None:
-    # The flags of the former benchmarks/offline_throughput.py, unchanged.
+    # The workload flags are those of `bench serve` (the former benchmarks/offline_throughput.py's --num-requests
+    # and --json are still accepted, unlisted).
     p.add_argument("--model", default=None, metavar="DIR",
                    help="HF model directory (default: build a random ~56M-parameter Llama in a temp dir)")
-    p.add_argument("--num-requests", type=positive_int, default=64, help="(default: 64)")
-    p.add_argument("--input-len", type=positive_int, nargs=2, default=(32, 256), metavar=("MIN", "MAX"),
-                   help="prompt lengths in tokens, uniform (default: 32 256)")
-    p.add_argument("--output-len", type=positive_int, nargs=2, default=(32, 256), metavar=("MIN", "MAX"),
-                   help="output lengths in tokens, uniform (default: 32 256)")
+    p.add_argument("--num-prompts", type=positive_int, default=OFFLINE_NUM_PROMPTS,
+                   help=f"requests (default: {OFFLINE_NUM_PROMPTS})")
+    p.add_argument("--num-requests", type=positive_int, dest="num_prompts", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
+    p.add_argument("--input-len", type=positive_int, default=OFFLINE_LEN, metavar="L",
+                   help=f"prompt tokens (random ids) (default: {OFFLINE_LEN})")
+    p.add_argument("--output-len", type=positive_int, default=OFFLINE_LEN, metavar="L",
+                   help=f"output tokens (default: {OFFLINE_LEN})")
+    p.add_argument("--range-ratio", type=range_ratio, default=OFFLINE_RANGE_RATIO, metavar="R",
+                   help=f"lengths uniform in [floor(L*(1-r)), ceil(L*(1+r))], as in `bench serve` (default: "
+                        f"{OFFLINE_RANGE_RATIO}, so the default lengths are uniform in [32, 256])")
     p.add_argument("--hf-batch-size", type=positive_int, nargs="+", default=[1, 16],
                    help="transformers batch sizes to measure (1 = generate per prompt) (default: 1 16)")
     p.add_argument("--max-num-seqs", type=positive_int, default=256, help="(default: 256)")
@@ -176,7 +206,8 @@ def _add_offline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--skip-hf", action="store_true",
                    help="only measure attnserve (also implied when transformers is not installed)")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results here")
+    p.add_argument("--json", dest="out", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 _SUBCOMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from clients.bench import BenchError
-from clients.bench.cli import DEFAULT_OUTPUT_LEN
+from clients.bench.cli import DEFAULT_INPUT_LEN, DEFAULT_OUTPUT_LEN
 
 # Distinct ordinary words: their token ids are the alphabet random prompts are drawn from. Real word pieces (rather
 # than arbitrary vocabulary ids, which include control bytes and special tokens) survive decode -> encode closely,
@@ -57,8 +58,6 @@ class BenchRequest:
 class TokenCounter(Protocol):
     """Token counting as the target server does it."""
 
-    max_model_len: int | None
-
     async def encode(self, text: str) -> list[int]: ...  # plain text, no special tokens
 
     async def decode(self, ids: list[int]) -> str: ...
@@ -74,7 +73,6 @@ class ServerTokenizer:
     def __init__(self, client: Any, model: str):
         self.client = client
         self.model = model
-        self.max_model_len: int | None = None
 
     async def _post(self, route: str, body: dict) -> dict:
         import httpx
@@ -87,10 +85,7 @@ class ServerTokenizer:
             # 404 is also how a server answers an unknown model, so the server's own message is shown first.
             hint = "; a server without this route needs --tokenizer PATH" if response.status_code in (404, 405) else ""
             raise BenchError(f"POST {route} answered {response.status_code}: {response.text[:300]}{hint}")
-        data = response.json()
-        if isinstance(data.get("max_model_len"), int):
-            self.max_model_len = data["max_model_len"]
-        return data
+        return response.json()
 
     async def encode(self, text: str) -> list[int]:
         return (await self._post("/tokenize", {"prompt": text, "add_special_tokens": False}))["tokens"]
@@ -110,7 +105,6 @@ class LocalTokenizer:
 
     def __init__(self, path: str | Path):
         path = Path(path)
-        self.max_model_len = None
         self._chat = None  # the engine's Tokenizer when the directory could be loaded the way the server loads it
         if path.is_dir():
             try:
@@ -155,14 +149,66 @@ class LocalTokenizer:
 # ----- random prompts of exact lengths -----
 
 
+def length_bounds(length: int, ratio: float) -> tuple[int, int]:
+    """The range lengths are drawn from: [floor(L*(1-r)), ceil(L*(1+r))], as vLLM's RandomDataset draws them, and
+    never below 1 (`bench offline` draws from the same range)."""
+    return max(1, math.floor(length * (1 - ratio))), max(1, math.ceil(length * (1 + ratio)))
+
+
 def random_lengths(n: int, input_len: int, output_len: int, ratio: float, seed: int) -> list[tuple[int, int]]:
-    """(prompt tokens, output tokens) per request, each uniform in [L*(1-r), L*(1+r)] (vLLM's RandomDataset)."""
+    """(prompt tokens, output tokens) per request, each uniform in length_bounds(L, r)."""
     rng = random.Random(seed)
+    inputs, outputs = length_bounds(input_len, ratio), length_bounds(output_len, ratio)
+    return [(rng.randint(*inputs), rng.randint(*outputs)) for _ in range(n)]
 
-    def draw(length: int) -> int:
-        return max(1, rng.randint(int(length * (1 - ratio)), int(length * (1 + ratio))))
 
-    return [(draw(input_len), draw(output_len)) for _ in range(n)]
+def fit_lengths(max_model_len: int | None, input_len: int | None, output_len: int | None,
+                ratio: float) -> tuple[int, int, str | None]:
+    """The random dataset's (input_len, output_len), and a line saying how they were chosen when a default was used.
+
+    None means not given: vLLM's default is used when the longest request drawn (prompt + output, the tops of
+    length_bounds) fits the server's max_model_len; else it is lowered until it does (both defaults by one factor,
+    so vLLM's 8:1 shape stays). Lengths given explicitly are never changed: when they cannot fit, DatasetError names
+    max_model_len before any request is sent, rather than a run of 400s. A prompt length counts BOS and the chat
+    template already (it is what the server charges), so nothing more is held back for them.
+    """
+
+    def longest(i: int, o: int) -> int:
+        return length_bounds(i, ratio)[1] + length_bounds(o, ratio)[1]
+
+    def fits(i: int, o: int) -> bool:
+        return max_model_len is None or longest(i, o) <= max_model_len
+
+    i, o = input_len or DEFAULT_INPUT_LEN, output_len or DEFAULT_OUTPUT_LEN
+    spread = f" with --range-ratio {ratio:g}" if ratio else ""
+    if input_len is not None and output_len is not None:
+        if not fits(i, o):
+            raise DatasetError(f"--input-len {i} + --output-len {o}{spread} reach {longest(i, o)} tokens, above the "
+                               f"server's max_model_len {max_model_len}; lower them")
+        return i, o, None
+    if input_len is None and output_len is None:
+        default, beside = f"vLLM's defaults {DEFAULT_INPUT_LEN} and {DEFAULT_OUTPUT_LEN}", ""
+    elif input_len is None:
+        default, beside = f"vLLM's default --input-len {DEFAULT_INPUT_LEN}", f" beside --output-len {o}"
+    else:
+        default, beside = f"vLLM's default --output-len {DEFAULT_OUTPUT_LEN}", f" beside --input-len {i}"
+    if max_model_len is None:
+        why = f"{default}; the server does not report its max_model_len, so the fit is not checked"
+    elif fits(i, o):
+        why = f"{default}, within the server's max_model_len {max_model_len}{beside}"
+    else:
+        if input_len is None and output_len is None:
+            scale = max_model_len / longest(i, o)
+            i, o = max(1, int(i * scale)), max(1, int(o * scale))
+        # Then lower the defaulted length (the input, when both were) a token at a time until the longest draw
+        # fits: after the scaling this only absorbs rounding; beside a given length it finds the most that fits.
+        while not fits(i, o) and (i if input_len is None else o) > 1:
+            i, o = (i - 1, o) if input_len is None else (i, o - 1)
+        if not fits(i, o):
+            raise DatasetError(f"no random-dataset lengths{spread} fit the server's max_model_len "
+                               f"{max_model_len}{beside}")
+        why = f"{default} lowered to fit the server's max_model_len {max_model_len}{beside}"
+    return i, o, f"Lengths: input {i} and output {o} tokens{spread}: {why}"
 
 
 async def _exact_prompt(counter: TokenCounter, chat: bool, target: int, overhead: int, pool: list[int],
@@ -214,11 +260,6 @@ async def build_random(counter: TokenCounter, *, n: int, input_len: int, output_
         what = "the chat template" if chat else "the special tokens (BOS)"
         raise DatasetError(f"a {shortest}-token prompt leaves no room for text: {what} already take {overhead} "
                            f"tokens; raise --input-len (or lower --range-ratio)")
-    limit = counter.max_model_len
-    longest = max(p + o for p, o in lengths)
-    if limit is not None and longest > limit:
-        raise DatasetError(f"prompt + output lengths reach {longest} tokens, above the server's max_model_len "
-                           f"{limit}; lower --input-len, --output-len or --range-ratio")
 
     def job(i: int, target: int) -> Callable[[], Awaitable[str]]:
         # One generator per prompt, seeded by (seed, index): the text does not depend on the build order.
@@ -319,7 +360,10 @@ def parse_record(obj: Any, where: str) -> FileRecord | None:
     if ("prompt" in obj) == ("messages" in obj):
         raise DatasetError(f"{where}: expected exactly one of \"prompt\" (a string) or \"messages\" (a list), "
                            f"or a ShareGPT \"conversations\" list")
-    max_tokens = _positive_int_field(obj, "max_tokens", where)
+    if "max_tokens" in obj and "output_tokens" in obj:
+        raise DatasetError(f"{where}: give one of 'max_tokens' or 'output_tokens', not both")
+    # "output_tokens" is what vLLM's custom dataset calls it, so its files replay here unchanged.
+    max_tokens = _positive_int_field(obj, "output_tokens" if "output_tokens" in obj else "max_tokens", where)
     if "prompt" in obj:
         if not isinstance(obj["prompt"], str) or not obj["prompt"]:
             raise DatasetError(f"{where}: 'prompt' must be a non-empty string")
@@ -327,8 +371,9 @@ def parse_record(obj: Any, where: str) -> FileRecord | None:
     return FileRecord(where, messages=_check_messages(obj["messages"], where), max_tokens=max_tokens)
 
 
-def load_file(path: str | Path) -> tuple[list[FileRecord], int]:
-    """(records, number skipped) of a JSONL file or a JSON list (ShareGPT's layout)."""
+def load_file(path: str | Path, kind: str | None = None) -> tuple[list[FileRecord], int]:
+    """(records, number skipped) of a JSONL file or a JSON list (ShareGPT's layout). `kind` ("sharegpt" or
+    "custom", from --dataset-name) is the format every record must have; None takes either."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -343,7 +388,12 @@ def load_file(path: str | Path) -> tuple[list[FileRecord], int]:
         items = _jsonl_items(text, path)
     records, skipped = [], 0
     for line, obj in items:
-        record = parse_record(obj, f"{path}:{line}")
+        where = f"{path}:{line}"
+        record = parse_record(obj, where)
+        if kind is not None and ("conversations" in obj) != (kind == "sharegpt"):
+            raise DatasetError(f"{where}: --dataset-name {kind} wants " + (
+                "ShareGPT {\"conversations\": [...]} records" if kind == "sharegpt" else
+                "{\"prompt\": ...} or {\"messages\": [...]} records") + ", and this is not one")
         if record is None:
             skipped += 1
         else:
@@ -362,14 +412,15 @@ def _jsonl_items(text: str, path: Path) -> Iterator[tuple[int, Any]]:
 
 
 async def build_from_file(path: str | Path, *, n: int, chat: bool, output_len: int | None,
-                          counter: Callable[[], TokenCounter]) -> tuple[list[BenchRequest], str | None]:
+                          counter: Callable[[], TokenCounter],
+                          kind: str | None = None) -> tuple[list[BenchRequest], str | None]:
     """The first n usable records (cycling when the file has fewer), and a note for the user, if any.
 
-    max_tokens: --output-len when given, else the record's "max_tokens", else (ShareGPT) the answer's token count,
-    else the default. `counter` is called only when a ShareGPT answer must be counted, so a file with explicit
-    lengths needs no tokenizer at all.
+    max_tokens: --output-len when given, else the record's "max_tokens" (or "output_tokens"), else (ShareGPT) the
+    answer's token count, else the default. `counter` is called only when a ShareGPT answer must be counted, so a
+    file with explicit lengths needs no tokenizer at all. `kind` is load_file's.
     """
-    records, skipped = load_file(path)
+    records, skipped = load_file(path, kind)
     if output_len is None:
         # A ShareGPT conversation without an answer has no output length to replay.
         unanswered = sum(1 for r in records if r.sharegpt and r.answer is None)

@@ -1,12 +1,13 @@
 """`attnserve bench offline`: offline throughput of the engine in-process vs transformers' generate, same model,
-same prompts, same run (formerly benchmarks/offline_throughput.py; same flags).
+same prompts, same run (formerly benchmarks/offline_throughput.py; the workload flags are named as in `bench serve`).
 
-    attnserve bench offline                 # CPU default: 64 requests, a ~56M Llama-shape model
-    attnserve bench offline --num-requests 256 --input-len 100 1024 --output-len 100 1024  # standard shape
+    attnserve bench offline                 # CPU default: 64 requests, lengths in [32, 256], a ~56M Llama shape
+    attnserve bench offline --num-prompts 256 --input-len 562 --output-len 562 --range-ratio 0.821  # [100, 1024]
 
-Each request has a random prompt (token ids) and a random output length, both uniform in the given ranges;
-generation is greedy with ignore_eos, so both engines produce exactly the requested number of tokens. Throughput =
-requested output tokens / wall time.
+Each request has a random prompt (token ids) and a random output length, both uniform in
+[floor(L*(1-r)), ceil(L*(1+r))] (datasets.length_bounds, as `bench serve` draws them); generation is greedy with
+ignore_eos, so both engines produce exactly the requested number of tokens. Throughput = requested output tokens /
+wall time.
 
 transformers is measured once per --hf-batch-size: batch 1 is generate run per prompt; a larger batch is
 left-padded and generates its longest requested output, which is how HF generate serves a mixed workload; only the
@@ -24,6 +25,8 @@ import random
 import tempfile
 import time
 from pathlib import Path
+
+from clients.bench.datasets import length_bounds
 
 # The ~56M-parameter Llama shape the recorded results (docs/benchmarks.md) use: 8 layers, hidden 512, GQA 8/4.
 LLAMA_50M = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8,
@@ -85,10 +88,10 @@ def make_workload(n: int, input_len: tuple[int, int], output_len: tuple[int, int
     return prompts, outputs
 
 
-def run_attnserve(model_dir: Path, prompts, out_lens, args: argparse.Namespace) -> dict:
+def run_attnserve(model_dir: Path, prompts, out_lens, max_model_len: int, args: argparse.Namespace) -> dict:
     from engine import LLM, SamplingParams
 
-    llm = LLM(str(model_dir), max_model_len=args.input_len[1] + args.output_len[1], device=args.device,
+    llm = LLM(str(model_dir), max_model_len=max_model_len, device=args.device,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
@@ -138,9 +141,12 @@ def run_offline(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else build_llama_50m(Path(tmp) / "llama-50m")
         vocab = ModelConfig.from_dir(model_dir).vocab_size
-        prompts, out_lens = make_workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), vocab,
-                                          args.seed)
-        ours = run_attnserve(model_dir, prompts, out_lens, args)
+        input_range = length_bounds(args.input_len, args.range_ratio)
+        output_range = length_bounds(args.output_len, args.range_ratio)
+        print(f"Workload: {args.num_prompts} prompts of {input_range[0]}-{input_range[1]} tokens, "
+              f"{output_range[0]}-{output_range[1]} output tokens each (uniform)")
+        prompts, out_lens = make_workload(args.num_prompts, input_range, output_range, vocab, args.seed)
+        ours = run_attnserve(model_dir, prompts, out_lens, input_range[1] + output_range[1], args)
         hf = [] if skip_hf else [
             run_transformers(model_dir, prompts, out_lens, bs, args.device) for bs in args.hf_batch_size
         ]
@@ -149,8 +155,8 @@ def run_offline(args: argparse.Namespace) -> int:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                    f"torch {torch.__version__}",
         "device": args.device,
-        "workload": {"requests": args.num_requests, "input_len": list(args.input_len),
-                     "output_len": list(args.output_len)},
+        "workload": {"requests": args.num_prompts, "input_len": list(input_range),
+                     "output_len": list(output_range)},
         "attnserve": ours,
         "transformers": hf,
         "ratios": {r["batch_size"]: ours["tokens_per_s"] / r["tokens_per_s"] for r in hf},
@@ -160,6 +166,6 @@ def run_offline(args: argparse.Namespace) -> int:
     for r in hf:
         print(f"transformers (batch {r['batch_size']:3d}): {r['output_tokens']} tokens in {r['seconds']:6.1f} s = "
               f"{r['tokens_per_s']:7.1f} tok/s   ratio attnserve/transformers {report['ratios'][r['batch_size']]:.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
     return 0

@@ -146,7 +146,21 @@ def token_rate_series(records: Sequence[RequestRecord], duration_s: float,
     return [(i + 0.5) * width for i in range(bins)], [c / width for c in counts]
 
 
-def plot_run(path: str | Path, records: Sequence[RequestRecord], duration_s: float) -> None:
+def load_label(rates: Sequence[float], concurrencies: Sequence[int | None]) -> str:
+    """The load of a run, "rate inf, concurrency 8", or of a sweep's points, "rate 1, 2, inf req/s, concurrency 8"."""
+    rates, concurrencies = list(dict.fromkeys(rates)), list(dict.fromkeys(concurrencies))
+    unit = " req/s" if any(math.isfinite(r) for r in rates) else ""
+    rate_text = ", ".join("inf" if math.isinf(r) else f"{r:g}" for r in rates)
+    concurrency_text = ", ".join("unlimited" if c is None else str(c) for c in concurrencies)
+    return f"rate {rate_text}{unit}, concurrency {concurrency_text}"
+
+
+def plot_title(model: str, workload: str, load: str) -> str:
+    """What a plot shows, so a PNG read on its own says it: "demo · random 256→64 tok · rate inf, concurrency 8"."""
+    return " · ".join((model, workload, load))
+
+
+def run_figure(records: Sequence[RequestRecord], duration_s: float, title: str):
     fig, axes = _figure(2, 2, (11, 8))
     ok = [r for r in records if r.success]
     _cdf(axes[0][0], [r.ttft_ms for r in ok if r.ttft_ms is not None], "TTFT CDF")
@@ -159,37 +173,60 @@ def plot_run(path: str | Path, records: Sequence[RequestRecord], duration_s: flo
     ax.set_xlabel("s since start")
     ax.set_ylabel("tokens/s")
     ax.grid(True, alpha=0.3)
-    fig.suptitle(f"{len(ok)} of {len(records)} requests succeeded in {duration_s:.1f} s")
-    fig.savefig(path, dpi=100)
+    fig.suptitle(f"{title}\n{len(ok)} of {len(records)} requests succeeded in {duration_s:.1f} s")
+    return fig
 
 
-def plot_sweep(path: str | Path, points: Sequence[dict]) -> None:
+def plot_run(path: str | Path, records: Sequence[RequestRecord], duration_s: float, title: str) -> None:
+    run_figure(records, duration_s, title).savefig(path, dpi=100)
+
+
+def _label_points(ax, xs: Sequence[float], ys: Sequence[float], labels: Sequence[str]) -> None:
+    """Label each point on the side that faces the middle of the axes, so no label crosses the frame (the
+    fastest point, often the rate-inf one, sits at the right edge and often at the top)."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()  # reading the limits autoscales to the lines drawn
+    for x, y, label in zip(xs, ys, labels):
+        right, top = x > (x0 + x1) / 2, y > (y0 + y1) / 2
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(-4 if right else 4, -4 if top else 4),
+                    ha="right" if right else "left", va="top" if top else "bottom", fontsize=8)
+
+
+def sweep_figure(points: Sequence[dict], title: str):
     fig, axes = _figure(1, 2, (12, 5))
     points = sorted(points, key=lambda p: p["output_throughput"])  # a curve along the throughput axis
     x = [p["output_throughput"] for p in points]
-    labels = [point_label(p) for p in points]
-    for ax, metric, title in ((axes[0][0], "ttft", "TTFT"), (axes[0][1], "tpot", "TPOT")):
+    # Point labels name what varies between the points; the title names what is fixed.
+    varies = [len({p[key] for p in points}) > 1 for key in ("request_rate", "max_concurrency")]
+    labels = [point_label(p, *(varies if any(varies) else (True, True))) for p in points]
+    for ax, metric, name in ((axes[0][0], "ttft", "TTFT"), (axes[0][1], "tpot", "TPOT")):
         for stat, style in (("median", "o-"), ("p99", "s--")):
             y = [p[f"{metric}_ms"][stat] for p in points]
             pairs = [(a, b) for a, b in zip(x, y) if b is not None and math.isfinite(b)]
             if pairs:
-                ax.plot(*zip(*pairs), style, label=f"{title} {'p50' if stat == 'median' else stat}")
-        for xi, label, p in zip(x, labels, points):
-            value = p[f"{metric}_ms"]["median"]
-            if value is not None:
-                ax.annotate(label, (xi, value), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                ax.plot(*zip(*pairs), style, label=f"{name} {'p50' if stat == 'median' else stat}")
+        labelled = [(xi, p[f"{metric}_ms"]["median"], label) for xi, p, label in zip(x, points, labels)
+                    if p[f"{metric}_ms"]["median"] is not None]
+        if labelled:
+            _label_points(ax, *zip(*labelled))
         ax.set_xlabel("output tokens/s")
         ax.set_ylabel("ms")
-        ax.set_title(f"{title} vs throughput")
+        ax.set_title(f"{name} vs throughput")
         ax.grid(True, alpha=0.3)
         ax.legend()
-    fig.savefig(path, dpi=100)
+    fig.suptitle(title)
+    return fig
 
 
-def point_label(summary: dict) -> str:
+def plot_sweep(path: str | Path, points: Sequence[dict], title: str) -> None:
+    sweep_figure(points, title).savefig(path, dpi=100)
+
+
+def point_label(summary: dict, rate: bool = True, concurrency: bool = True) -> str:
+    """One sweep point, "inf req/s, c=8", or only the part asked for (the plot names what varies)."""
     parts = []
-    if summary.get("request_rate") not in (None, "inf"):
-        parts.append(f"{summary['request_rate']:g} req/s")
-    if summary.get("max_concurrency") is not None:
+    if rate:
+        value = summary["request_rate"]
+        parts.append(f"{value if isinstance(value, str) else format(value, 'g')} req/s")
+    if concurrency and summary["max_concurrency"] is not None:
         parts.append(f"c={summary['max_concurrency']}")
-    return ", ".join(parts) or "inf"
+    return ", ".join(parts)

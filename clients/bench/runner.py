@@ -13,6 +13,8 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,8 +22,15 @@ import httpx
 from clients.base import auth_headers
 from clients.bench import BenchError
 from clients.bench.arrivals import arrival_gaps
-from clients.bench.cli import DEFAULT_DURATION_PROMPTS, DEFAULT_INPUT_LEN, DEFAULT_NUM_PROMPTS, DEFAULT_OUTPUT_LEN
-from clients.bench.datasets import BenchRequest, LocalTokenizer, ServerTokenizer, build_from_file, build_random
+from clients.bench.cli import DEFAULT_DURATION_PROMPTS, DEFAULT_NUM_PROMPTS
+from clients.bench.datasets import (
+    BenchRequest,
+    LocalTokenizer,
+    ServerTokenizer,
+    build_from_file,
+    build_random,
+    fit_lengths,
+)
 from clients.bench.metrics import RequestRecord, summarize
 from clients.bench.scrape import Samples, parse_exposition, server_summary
 from clients.errors import error_fields
@@ -98,8 +107,10 @@ def _error_message(response: httpx.Response) -> str:
     return message[:ERROR_DETAIL_CHARS]
 
 
-async def first_model(control: httpx.AsyncClient) -> str:
-    """The first model id of GET /v1/models: the served model, when --model is not given."""
+async def served_model(control: httpx.AsyncClient, model: str | None) -> tuple[str, int | None]:
+    """The model to load-test and its max_model_len, from GET /v1/models: --model, else the first model listed.
+    The length is what vLLM and attnserve list per model; None when the server does not say (OpenAI's API does
+    not), or when --model is given and the listing is unavailable."""
     try:
         response = await control.get("/v1/models")
     except httpx.HTTPError as exc:
@@ -107,12 +118,20 @@ async def first_model(control: httpx.AsyncClient) -> str:
     if response.status_code == 401:
         raise BenchError(f"{control.base_url} wants an API key: give --api-key or set $ATTNSERVE_API_KEY")
     if response.status_code != 200:
+        if model is not None:
+            return model, None
         raise BenchError(f"GET /v1/models answered {response.status_code}: {_error_message(response)}; "
                          f"give --model NAME")
     try:
-        return response.json()["data"][0]["id"]
-    except (ValueError, LookupError, TypeError):
+        cards = [card for card in response.json()["data"] if isinstance(card, dict)]
+        card = next(c for c in cards if c.get("id") == model) if model is not None else cards[0]
+        name = str(card["id"])
+    except (ValueError, LookupError, TypeError, StopIteration):
+        if model is not None:  # not listed: its requests will say so (404) with the server's own message
+            return model, None
         raise BenchError(f"GET /v1/models listed no model ({response.text[:200]}); give --model NAME") from None
+    limit = card.get("max_model_len")
+    return name, limit if isinstance(limit, int) and not isinstance(limit, bool) else None
 
 
 async def scrape(control: httpx.AsyncClient) -> Samples | None:
@@ -309,6 +328,9 @@ class Workload:
     requests: list[BenchRequest]
     note: str | None
     build_s: float
+    label: str  # what the plot titles name: "random 256→64 tok", "sharegpt.json", ...
+    input_len: int | None  # the random dataset's lengths as run (defaults resolved); None where a file decides
+    output_len: int | None
 
 
 def workload_size(args: argparse.Namespace) -> int:
@@ -317,29 +339,57 @@ def workload_size(args: argparse.Namespace) -> int:
     return DEFAULT_DURATION_PROMPTS if args.duration is not None else DEFAULT_NUM_PROMPTS
 
 
+def dataset_kind(args: argparse.Namespace) -> str | None:
+    """Check vLLM's --dataset-name against --dataset/--dataset-path (one flag); return the file format it asks
+    for ("sharegpt" or "custom"), or None (random, or a file of either format)."""
+    name, is_random = args.dataset_name, args.dataset == "random"
+    if name == "random" and not is_random:
+        raise BenchError(f"--dataset-name random takes no --dataset-path (got {args.dataset!r}); drop one of them")
+    if name not in (None, "random") and is_random:
+        raise BenchError(f"--dataset-name {name} needs --dataset-path FILE")
+    return None if name in (None, "random") else name
+
+
 async def build_workload(args: argparse.Namespace, control: httpx.AsyncClient, cfg: RunConfig) -> Workload:
     started = time.perf_counter()
-    model = cfg.model or await first_model(control)
+    kind = dataset_kind(args)  # first, so a bad combination fails before any traffic
+    is_random = args.dataset == "random"
+    # The random dataset's lengths must fit the server's max_model_len, which only the listing says; a file with
+    # --model needs no control call at all.
+    if cfg.model is None or is_random:
+        model, max_model_len = await served_model(control, cfg.model)
+    else:
+        model, max_model_len = cfg.model, None
     local = LocalTokenizer(args.tokenizer) if args.tokenizer else None
 
     def counter():
         return local or ServerTokenizer(control, model)
 
     n, chat = workload_size(args), cfg.endpoint == "chat"
-    if args.dataset == "random":
-        requests = await build_random(counter(), n=n, input_len=args.input_len or DEFAULT_INPUT_LEN,
-                                      output_len=args.output_len or DEFAULT_OUTPUT_LEN, ratio=args.range_ratio,
-                                      seed=args.seed, chat=chat)
+    if is_random:
+        input_len, output_len, why = fit_lengths(max_model_len, args.input_len, args.output_len, args.range_ratio)
+        if why:
+            print(why, file=sys.stderr)
+        requests = await build_random(counter(), n=n, input_len=input_len, output_len=output_len,
+                                      ratio=args.range_ratio, seed=args.seed, chat=chat)
         note = None
+        label = f"random {input_len}→{output_len} tok" + (f", range ratio {args.range_ratio:g}"
+                                                          if args.range_ratio else "")
     else:
         requests, note = await build_from_file(args.dataset, n=n, chat=chat, output_len=args.output_len,
-                                               counter=counter)
-    return Workload(model, requests, note, time.perf_counter() - started)
+                                               counter=counter, kind=kind)
+        input_len, output_len = None, args.output_len
+        label = Path(args.dataset).name + (f", output {output_len} tok" if output_len else "")
+    if chat:
+        label += ", chat"
+    return Workload(model, requests, note, time.perf_counter() - started, label, input_len, output_len)
 
 
-def config_json(args: argparse.Namespace, model: str) -> dict:
-    """The run's settings for the results file: every flag but the API key, infinities as "inf" (JSON has none)."""
-    skip = {"api_key", "command", "bench_command", "plot", "out", "disable_tqdm"}
+def config_json(args: argparse.Namespace, workload: Workload) -> dict:
+    """The run's settings for the results file: every flag but the API key, infinities as "inf" (JSON has none),
+    and the lengths as run (a default may have been lowered to fit the server)."""
+    skip = {"api_key", "command", "bench_command", "plot", "out", "save_result", "result_dir", "result_filename",
+            "disable_tqdm"}
     out: dict[str, Any] = {}
     for key, value in vars(args).items():
         if key in skip or callable(value):
@@ -347,9 +397,41 @@ def config_json(args: argparse.Namespace, model: str) -> dict:
         if key == "goodput":
             value = dict(value) if value else None
         out[key] = _json_safe(value)
-    out["model"] = model
+    out["model"] = workload.model
+    out["input_len"], out["output_len"] = workload.input_len, workload.output_len
     out["api_key_set"] = bool(args.api_key)
     return out
+
+
+def check_results_args(args: argparse.Namespace) -> None:
+    """Before the run: one way to name the results file, and --result-dir made (as vLLM makes it)."""
+    if args.out and (args.save_result or args.result_dir or args.result_filename):
+        raise BenchError("give --out FILE, or vLLM's --save-result with --result-dir/--result-filename, not both")
+    if args.result_dir:
+        try:
+            Path(args.result_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BenchError(f"--result-dir {args.result_dir}: {exc}") from None
+
+
+def results_path(args: argparse.Namespace, model: str, load: str) -> Path | None:
+    """Where the results JSON goes: --out; else, with --save-result (or --result-dir/--result-filename, which
+    mean it), --result-filename or vLLM's pattern {endpoint}-{load}-{model}-{YYYYMMDD-HHMMSS}.json in
+    --result-dir (default: here), with -2, -3, ... added rather than overwriting. `load` is "10qps",
+    "infqps-concurrency8" or "sweep". None: no results file."""
+    if args.out:
+        return Path(args.out)
+    if not (args.save_result or args.result_dir or args.result_filename):
+        return None
+    directory = Path(args.result_dir or ".")
+    if args.result_filename:
+        return directory / args.result_filename
+    stem = f"{args.endpoint}-{load}-{model.rstrip('/').split('/')[-1]}-{datetime.now():%Y%m%d-%H%M%S}"
+    path, n = directory / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = directory / f"{stem}-{n}.json"
+    return path
 
 
 def _json_safe(value: Any) -> Any:
@@ -386,20 +468,25 @@ def run_serve(args: argparse.Namespace) -> int:
 
     cfg = RunConfig.from_args(args)
     check_duration(cfg.duration, cfg.request_rate, cfg.max_concurrency)
+    check_results_args(args)
     if args.plot:
         report.require_matplotlib()  # fail before the run, not after it
     workload, result, warmup_failed = asyncio.run(_serve(args, cfg))
     print(report.format_summary(result.summary))
-    if args.out:
-        report.write_json(args.out, {
-            "config": config_json(args, workload.model),
+    concurrency = "" if cfg.max_concurrency is None else f"-concurrency{cfg.max_concurrency}"
+    path = results_path(args, workload.model, f"{cfg.request_rate:g}qps{concurrency}")
+    if path:
+        report.write_json(path, {
+            "config": config_json(args, workload),
             "warmup": {"requests": cfg.warmup, "failed": warmup_failed},
             "summary": result.summary,
             "records": [r.to_json() for r in result.records],
         })
-        print(f"Results written to {args.out}", file=sys.stderr)
+        print(f"Results written to {path}", file=sys.stderr)
     if args.plot:
-        report.plot_run(args.plot, result.records, result.duration_s)
+        title = report.plot_title(workload.model, workload.label,
+                                  report.load_label([cfg.request_rate], [cfg.max_concurrency]))
+        report.plot_run(args.plot, result.records, result.duration_s, title)
         print(f"Plot written to {args.plot}", file=sys.stderr)
     return 0 if result.summary["completed"] else 1
 

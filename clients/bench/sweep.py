@@ -14,9 +14,11 @@ from clients.bench.runner import (
     RunResult,
     build_workload,
     check_duration,
+    check_results_args,
     config_json,
     make_client,
     make_control_client,
+    results_path,
     run_load,
     warm_up,
 )
@@ -60,18 +62,22 @@ async def _sweep(args: argparse.Namespace, cfg: RunConfig, points: list[tuple[fl
 def run_sweep(args: argparse.Namespace) -> int:
     points = sweep_points(args)
     cfg = RunConfig.from_args(args)
+    check_results_args(args)
     if args.plot:
         report.require_matplotlib()
     workload, results = asyncio.run(_sweep(args, cfg, points))
     summaries = [r.summary for r in results]
     print(report.format_sweep(summaries))
-    if args.out:
-        report.write_json(args.out, {
-            "config": config_json(args, workload.model),
+    path = results_path(args, workload.model, "sweep")
+    if path:
+        report.write_json(path, {
+            "config": config_json(args, workload),
             "points": [{"summary": r.summary, "records": [rec.to_json() for rec in r.records]} for r in results],
         })
-        print(f"Results written to {args.out}", file=sys.stderr)
+        print(f"Results written to {path}", file=sys.stderr)
     if args.plot:
-        report.plot_sweep(args.plot, summaries)
+        title = report.plot_title(workload.model, workload.label,
+                                  report.load_label([r for r, _ in points], [c for _, c in points]))
+        report.plot_sweep(args.plot, summaries, title)
         print(f"Plot written to {args.plot}", file=sys.stderr)
     return 0 if any(s["completed"] for s in summaries) else 1
