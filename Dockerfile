@@ -41,6 +41,7 @@ RUN set -eux; \
 # The project, non-editable, with its runtime dependencies only: the same list `make serve` installs, no extras (the
 # installed torch satisfies its torch>=2.4, so pip keeps it).
 COPY pyproject.toml README.md ./
+COPY attnserve/ attnserve/
 COPY engine/ engine/
 COPY kernels/ kernels/
 COPY server/ server/

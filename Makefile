@@ -21,6 +21,7 @@ serve: $(VENV)/.installed
 	$(PY) -m server $(SERVE_ARGS)
 
 test: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 fuzz: $(VENV)/.installed-test
@@ -36,7 +37,7 @@ demo-model: $(VENV)/.installed
 	$(PY) -m tools.eval_demo_model --json models/demo/eval_metrics.json
 
 bench: $(VENV)/.installed-test
-	$(PY) -m server.cli bench offline $(BENCH_ARGS)
+	$(PY) -m attnserve bench offline $(BENCH_ARGS)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -31,6 +31,7 @@ from pathlib import Path
 _BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(_BENCHMARKS.parent))  # engine, kernels
 sys.path.insert(0, str(_BENCHMARKS))  # gpusuite
+sys.path.append(str(_BENCHMARKS.parent / "tests"))  # kernel_oracles: the references the kernels are checked against
 
 import torch  # noqa: E402
 

@@ -67,7 +67,7 @@ def main() -> int:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
-            from clients.bench.offline import build_llama_50m
+            from benchmarks.offline import build_llama_50m
 
             args.model = str(build_llama_50m(Path(tmp) / "llama", vocab_size=4096, num_hidden_layers=16))
         max_len = args.prefix_len + args.suffix_len + args.output_len

@@ -22,7 +22,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from engine.config import EngineConfig
+from engine.engine_info import EngineInfo
 from engine.errors import EngineDeadError, ValidationError
+from engine.faults import FaultSpec, inject_fault
 from engine.llm_engine import EngineStats, LLMEngine, PreparedRequest
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -121,6 +124,19 @@ class AsyncEngine:
     @classmethod
     def from_args(cls, model: str | None = None, **kwargs) -> AsyncEngine:
         return cls(LLMEngine.from_args(model, **kwargs))
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, *, watchdog_timeout_s: float | None = None,
+                    fault: FaultSpec | None = None) -> AsyncEngine:
+        """Load the model and start the loop. `fault` (tests only) makes the model's forward fail or stall."""
+        engine = LLMEngine(config)
+        if fault is not None:
+            inject_fault(engine.runner.model, fault)
+        return cls(engine, watchdog_timeout_s=watchdog_timeout_s)
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.engine.info
 
     # ---- client side (event loop thread) -------------------------------------------------------
 

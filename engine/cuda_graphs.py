@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from engine.config import EngineConfig
-from kernels.backend import AttentionBackend
+from kernels.interface import AttentionBackend
 
 logger = logging.getLogger(__name__)
 

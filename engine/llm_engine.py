@@ -12,10 +12,12 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from engine.config import EngineConfig, read_json
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_args import EngineArgs
+from engine.engine_info import EngineInfo
 from engine.errors import ValidationError
 from engine.kv_cache import BlockPool, blocks_for
 from engine.model_runner import ModelRunner
@@ -91,6 +93,17 @@ class LLMEngine:
         self._iteration = IterationStats()
         # Off by default so that an offline run does not accumulate measurements nobody collects.
         self.collect_stats = False
+        cfg = self.config
+        self.info = EngineInfo(
+            model_path=cfg.model.path, architecture=cfg.model.architecture,
+            num_parameters=sum(p.numel() for p in self.runner.model.parameters()), dtype=cfg.dtype,
+            device=cfg.device, attention_backend=self.runner.backend.selection_reason,
+            max_model_len=cfg.scheduler.max_model_len, vocab_size=self.vocab_size, tokenizer=self.tokenizer,
+            generation_defaults=MappingProxyType(dict(self.generation_defaults)), num_kv_blocks=num_blocks,
+            block_size=cfg.cache.block_size, max_num_seqs=cfg.scheduler.max_num_seqs,
+            max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
+            enable_prefix_caching=cfg.cache.enable_prefix_caching,
+        )
 
     @classmethod
     def from_args(cls, model: str | None = None, **kwargs) -> LLMEngine:

@@ -25,7 +25,8 @@ from engine.models.loader import load_model
 from engine.sampler import Sampler, SamplerOutput
 from engine.sequence import Sequence
 from engine.step_inputs import StepBatch, StepInputs
-from kernels.backend import BatchLayout, get_attention_backend
+from kernels.backend import get_attention_backend
+from kernels.interface import BatchLayout
 
 logger = logging.getLogger(__name__)
 

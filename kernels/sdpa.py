@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import AttentionBackend, BatchLayout, register_backend, segment_offsets
+from kernels.interface import AttentionBackend, BatchLayout, segment_offsets
 from kernels.kv_write import write_kv
 from kernels.transfer import to_device, upload
 
@@ -122,8 +122,9 @@ def _split_by_length(seq_idx: list[int], layout: BatchLayout) -> list[list[int]]
     return groups
 
 
-@register_backend("sdpa")
 class SdpaBackend(AttentionBackend):
+    name = "sdpa"
+
     def cuda_graph_unsupported(self) -> str | None:
         return ("the sdpa attention backend gathers each step's K/V into tensors shaped by that step's context "
                 "lengths, which a CUDA graph cannot replay")

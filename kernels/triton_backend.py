@@ -4,7 +4,7 @@ no gather copy.
 plan() turns the step's layout into a few int32 device tensors, once per step, with queued copies
 only (the host never waits for the device). forward(), per layer, writes the new K/V, then runs the
 decode rows (query length 1) through the split-KV decode kernel and the prefill-chunk rows through the
-extend kernel, or through torch's varlen_attn where that is detected to work for this configuration.
+extend kernel.
 
 plan_graph_decode() plans a pure-decode batch for CUDA-graph capture: its split count comes from the
 batch size and max_context_len, not from the step's lengths, so every replay launches exactly what
@@ -14,26 +14,16 @@ was captured (the decode kernel divides each sequence's own range by the split c
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass, field
 from itertools import accumulate
 
 import torch
 
-from kernels.backend import AttentionBackend, BatchLayout, register_backend
+from kernels.interface import AttentionBackend, BatchLayout
 from kernels.triton_decode import MIN_KEYS_PER_SPLIT, alloc_partials, choose_num_splits, paged_decode_attention
 from kernels.triton_extend import paged_extend_attention
 from kernels.triton_kv_write import write_kv_triton
 from kernels.transfer import to_device
-from kernels.varlen_extend import (
-    VarlenArgs,
-    build_varlen_args,
-    varlen_api,
-    varlen_extend_attention,
-    varlen_unsupported,
-)
-
-logger = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,7 +45,6 @@ class TritonMetadata:
     max_prefill_query: int
     num_sms: int
     min_keys_per_split: int
-    varlen: VarlenArgs | None  # the chunks in varlen_attn's terms, where it may apply
     # Split-KV scratch, set by the first layer that needs it. NOTE: held here so that a CUDA graph's
     # metadata keeps the buffers its launches point at alive even if the backend later grows its own.
     partials: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -70,15 +59,14 @@ class TritonMetadata:
         return self._splits[num_kv_heads]
 
 
-@register_backend("triton")
 class TritonBackend(AttentionBackend):
+    name = "triton"
     min_keys_per_split = MIN_KEYS_PER_SPLIT
     # Off CUDA (the interpreter, in tests) there is no SM count; a small one keeps splitting exercised.
     num_sms_off_cuda = 4
 
     def __init__(self) -> None:
         self._partials: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._varlen_ok: bool | None = None  # unknown until the first prefill shows the configuration
 
     def plan(self, layout: BatchLayout) -> TritonMetadata:
         device = layout.slot_mapping.device
@@ -95,9 +83,6 @@ class TritonBackend(AttentionBackend):
         )
         if given:
             seq_lens, query_start_t = layout.seq_lens, layout.query_start
-        varlen = None
-        if prefills and self._varlen_ok is not False and device.type == "cuda" and varlen_api() is not None:
-            varlen = build_varlen_args(q_lens, ctx_lens, prefills, query_start, layout.block_tables, device)
         return TritonMetadata(
             slot_mapping=layout.slot_mapping,
             block_tables=_unit_row_stride(layout.block_tables),
@@ -109,7 +94,6 @@ class TritonBackend(AttentionBackend):
             max_prefill_query=max((q_lens[i] for i in prefills), default=0),
             num_sms=_num_sms(device, self.num_sms_off_cuda),
             min_keys_per_split=self.min_keys_per_split,
-            varlen=varlen,
         )
 
     def cuda_graph_unsupported(self) -> str | None:
@@ -132,7 +116,6 @@ class TritonBackend(AttentionBackend):
             max_prefill_query=0,
             num_sms=_num_sms(device, self.num_sms_off_cuda),
             min_keys_per_split=self.min_keys_per_split,
-            varlen=None,
         )
 
     def forward(
@@ -160,13 +143,10 @@ class TritonBackend(AttentionBackend):
                 scale, sliding_window, splits, m.partials if splits > 1 else None,
             )
         if m.prefill_seqs.numel():
-            if m.varlen is not None and self._varlen_works(q, k_cache):
-                varlen_extend_attention(out, q, k_cache, v_cache, m.varlen, scale, sliding_window)
-            else:
-                paged_extend_attention(
-                    out, q, k_cache, v_cache, m.block_tables, m.seq_lens, m.query_start, m.prefill_seqs,
-                    m.max_prefill_query, scale, sliding_window,
-                )
+            paged_extend_attention(
+                out, q, k_cache, v_cache, m.block_tables, m.seq_lens, m.query_start, m.prefill_seqs,
+                m.max_prefill_query, scale, sliding_window,
+            )
         return out
 
     def _partials_for(self, rows: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,13 +156,6 @@ class TritonBackend(AttentionBackend):
         if part is None or part[0].shape[0] < rows or part[0].shape[1] != num_heads or part[0].shape[3] != head_dim:
             self._partials = part = alloc_partials(rows, num_heads, head_dim, q.device)
         return part
-
-    def _varlen_works(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-        reason = varlen_unsupported(q.device, k_cache.dtype, k_cache.shape[1], q.shape[1], k_cache.shape[2], q.shape[2])
-        if self._varlen_ok is None:
-            logger.info("prefill attention: %s", "torch varlen_attn" if reason is None else f"Triton kernel ({reason})")
-        self._varlen_ok = reason is None
-        return self._varlen_ok
 
 
 def _unit_row_stride(block_tables: torch.Tensor) -> torch.Tensor:

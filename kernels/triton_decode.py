@@ -185,30 +185,3 @@ def paged_decode_attention(
             *part_out.stride()[:3], *part_lse.stride()[:2], out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_S=next_pow2(num_splits), BLOCK_D=block_d,
         )
-
-
-def paged_decode_reference(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start: torch.Tensor,
-    decode_seqs: torch.Tensor,
-    scale: float,
-    sliding_window: int | None,
-) -> torch.Tensor:
-    """What paged_decode_attention computes, in float32 torch: [len(decode_seqs), num_heads, head_dim]."""
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    rows = []
-    for seq in decode_seqs.tolist():
-        ctx = int(seq_lens[seq])
-        first = 0 if sliding_window is None else max(0, ctx - sliding_window)
-        pos = torch.arange(first, ctx, device=q.device)
-        blocks = block_tables[seq, pos // block_size]
-        k = k_cache[blocks, pos % block_size].float()  # [keys, kv_heads, dim]
-        v = v_cache[blocks, pos % block_size].float()
-        query = q[int(query_start[seq])].float().view(num_kv_heads, -1, q.shape[-1])  # [kv_heads, group, dim]
-        probs = (torch.einsum("hgd,khd->hgk", query, k) * scale).softmax(-1)
-        rows.append(torch.einsum("hgk,khd->hgd", probs, v).reshape(q.shape[1:]))
-    return torch.stack(rows) if rows else q.new_zeros(0, *q.shape[1:], dtype=torch.float32)

@@ -122,35 +122,3 @@ def paged_extend_attention(
         BLOCK_Q=block_q, BLOCK_N=block_n, PAGE=k_cache.shape[1],
         DOT_DTYPE=dot_dtype, PRECISION=precision,
     )
-
-
-def paged_extend_reference(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start: torch.Tensor,
-    prefill_seqs: torch.Tensor,
-    scale: float,
-    sliding_window: int | None,
-) -> dict[int, torch.Tensor]:
-    """What paged_extend_attention computes, in float32 torch: {sequence: [query_len, num_heads, head_dim]}."""
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    result = {}
-    for seq in prefill_seqs.tolist():
-        ctx = int(seq_lens[seq])
-        first, end = int(query_start[seq]), int(query_start[seq + 1])
-        pos = torch.arange(ctx, device=q.device)
-        blocks = block_tables[seq, pos // block_size]
-        k = k_cache[blocks, pos % block_size].float()  # [ctx, kv_heads, dim]
-        v = v_cache[blocks, pos % block_size].float()
-        query = q[first:end].float().unflatten(1, (num_kv_heads, -1))  # [q_len, kv_heads, group, dim]
-        q_pos = torch.arange(ctx - (end - first), ctx, device=q.device)[:, None]
-        visible = pos[None, :] <= q_pos
-        if sliding_window is not None:
-            visible &= pos[None, :] > q_pos - sliding_window
-        scores = torch.einsum("qhgd,khd->hgqk", query, k) * scale
-        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-        result[seq] = torch.einsum("hgqk,khd->qhgd", probs, v).flatten(1, 2)
-    return result

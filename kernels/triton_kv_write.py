@@ -10,7 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_write import write_kv
 from kernels.triton_common import next_pow2
 
 
@@ -57,11 +56,3 @@ def write_kv_triton(
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_H=next_pow2(num_heads), BLOCK_D=next_pow2(head_dim),
         PAGE=k_cache.shape[1],
     )
-
-
-def write_kv_reference(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """What write_kv_triton does, in torch: the index_copy_ write, for the tokens with a slot."""
-    keep = slot_mapping >= 0
-    write_kv(k_cache, v_cache, k[keep], v[keep], slot_mapping[keep])

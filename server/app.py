@@ -53,12 +53,11 @@ _STREAM = {"text/event-stream": {"schema": {
 
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     state = ServerState()
-    model_config = engine.engine.config
-    metrics = Metrics(engine, config.served_model_names[0], max_model_len=engine.engine.max_model_len, info={
-        "version": __version__, "dtype": str(model_config.dtype).removeprefix("torch."),
-        "device": str(model_config.device), "block_size": str(model_config.cache.block_size),
-        "num_kv_blocks": str(engine.engine.pool.num_blocks), "max_model_len": str(engine.engine.max_model_len),
-        "architecture": model_config.model.architecture,
+    info = engine.info
+    metrics = Metrics(engine, config.served_model_names[0], max_model_len=info.max_model_len, info={
+        "version": __version__, "dtype": str(info.dtype).removeprefix("torch."), "device": str(info.device),
+        "block_size": str(info.block_size), "num_kv_blocks": str(info.num_kv_blocks),
+        "max_model_len": str(info.max_model_len), "architecture": info.architecture,
     })
     ctx = ServingContext(engine, config, state, metrics)
     app = FastAPI(title="attnserve", version=__version__,
@@ -98,8 +97,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
-        root = str(engine.engine.config.model.path)
-        return ModelList(data=[ModelCard(id=name, root=root, max_model_len=engine.engine.max_model_len)
+        root = str(info.model_path)
+        return ModelList(data=[ModelCard(id=name, root=root, max_model_len=info.max_model_len)
                                for name in config.served_model_names])
 
     @app.get("/health", response_class=Response, responses={200: {"description": "the engine is alive (no body)"}})
@@ -129,13 +128,13 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
         ids = await ctx.off_loop(run)
         strs = [s or "" for s in tokenizer.convert_ids_to_tokens(ids)] if body.return_token_strs else None
-        return TokenizeResponse(count=len(ids), max_model_len=engine.engine.max_model_len, tokens=ids,
+        return TokenizeResponse(count=len(ids), max_model_len=info.max_model_len, tokens=ids,
                                 token_strs=strs)
 
     @app.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         ctx.check_model(body.model)
-        vocab = engine.engine.vocab_size
+        vocab = info.vocab_size
         bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValidationError(f"tokens has id {bad}, but the vocabulary has ids 0..{vocab - 1}", "tokens")
@@ -152,6 +151,6 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         return JSONResponse({"name": "attnserve", "version": __version__, "models": list(config.served_model_names)})
 
     known_paths.update(route.path for route in app.routes)
-    install_precise_openapi(app, served_model_names=config.served_model_names, vocab_size=engine.engine.vocab_size,
-                            max_model_len=engine.engine.max_model_len, api_key=config.api_key is not None)
+    install_precise_openapi(app, served_model_names=config.served_model_names, vocab_size=info.vocab_size,
+                            max_model_len=info.max_model_len, api_key=config.api_key is not None)
     return app

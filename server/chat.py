@@ -81,7 +81,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     if req.continue_final_message and req.add_generation_prompt:
         raise APIError(400, "continue_final_message needs add_generation_prompt set to false",
                        "continue_final_message")
-    defaults = ctx.engine.engine.generation_defaults
+    defaults = ctx.engine.info.generation_defaults
     max_tokens = req.max_completion_tokens or req.max_tokens or defaults.get("max_tokens")
     params = sampling_params(req, defaults, max_tokens=max_tokens,
                              logprobs=(req.top_logprobs or 0) if req.logprobs else None)

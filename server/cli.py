@@ -1,4 +1,5 @@
-"""The `attnserve` command. `attnserve serve` (= `python -m server`) loads a model and serves the HTTP API.
+"""The flags of `attnserve serve` (= `python -m server`), which loads a model and serves the HTTP API. The
+`attnserve` command itself (attnserve/cli.py) composes this with `attnserve bench`.
 
 Flags take vLLM's names where vLLM has one, so existing launch scripts carry over.
 """
@@ -6,44 +7,61 @@ Flags take vLLM's names where vLLM has one, so existing launch scripts carry ove
 from __future__ import annotations
 
 import argparse
-import logging
+import math
 import os
-import sys
 from collections.abc import Callable
 
-from clients.base import API_KEY_ENV
-from clients.bench.cli import (
-    BENCH_HELP,
-    add_bench_args,
-    checked,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    run_bench,
-)
-from engine.engine_args import EngineArgs, parse_size
-from engine.errors import AttnServeError
 from server import __version__
-from server.config import DEFAULT_LIMIT_CONCURRENCY, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES
+from server.config import (
+    DEFAULT_LIMIT_CONCURRENCY,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MODEL_NAME,
+)
 
-DEFAULT_MODEL_NAME = "attnserve-demo"
+# The variable the clients read their key from too, so one setting serves both ends.
+API_KEY_ENV = "ATTNSERVE_API_KEY"
+SERVE_HELP = "serve a model over the OpenAI-compatible HTTP API"
 
-logger = logging.getLogger("attnserve")
 
-
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """Bad flags end with one line on stderr (and exit status 2), not a usage dump."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-# The checked argparse types are shared with `attnserve bench`.
+def checked(parse: Callable[[str], float], ok: Callable[[float], bool], expected: str) -> Callable[[str], float]:
+    """An argparse type: parse, then check; either failure names what was expected.
+
+    NOTE: clients/bench/cli.py has its own copy of these few lines: the server never imports the clients and the
+    clients speak HTTP only, so neither package can hold the one both use."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):  # NaN fails every comparison, so it is refused too
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return convert
+
+
+positive_int = checked(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = checked(float, lambda v: 0 < v < math.inf, "a number > 0")
+non_negative_float = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 _fraction = checked(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
 
 
 def _size(text: str) -> int:
+    # Imported here: the engine package loads torch, which building the parser (`attnserve --help`, `attnserve
+    # bench ...`) does not need.
+    from engine.engine_args import parse_size
+    from engine.errors import AttnServeError
+
     try:
         return parse_size(text)
     except AttnServeError:
@@ -195,62 +213,22 @@ def resolve_model_arg(parser: argparse.ArgumentParser, args: argparse.Namespace)
     return args
 
 
-def engine_args_from(args: argparse.Namespace) -> EngineArgs:
-    extra = {} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}
-    return EngineArgs(
-        model=args.model, revision=args.revision, chat_template=args.chat_template, device=args.device, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=args.enable_chunked_prefill,
-        enable_prefix_caching=args.enable_prefix_caching,
-        attention_backend=args.attention_backend, load_format=args.load_format, enforce_eager=args.enforce_eager,
-        **extra,
-    )
-
-
-def _run_serve(args: argparse.Namespace) -> int:
+def run_serve(args: argparse.Namespace) -> int:
     from server.serve import serve  # imports torch: keep --help fast
 
     return serve(args)
 
 
-# Subcommands: name -> (help, add arguments, run).
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
-    "serve": ("serve a model over the OpenAI-compatible HTTP API", add_serve_args, _run_serve),
-    "bench": (BENCH_HELP, add_bench_args, run_bench),
-}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="attnserve", description="attnserve: an inference server for decoder-only LLMs.")
-    _add_version(parser)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-    parsers = {}
-    for name, (help_text, add_args, _) in COMMANDS.items():
-        parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
-        add_args(parsers[name])
-    _add_version(parsers["serve"])
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        resolve_model_arg(parsers["serve"], args)
-    return COMMANDS[args.command][2](args)
-
-
 def parse_serve_args(argv: list[str] | None = None, prog: str = "attnserve serve") -> argparse.Namespace:
-    parser = _Parser(prog=prog, description=COMMANDS["serve"][0])
-    _add_version(parser)
+    parser = Parser(prog=prog, description=SERVE_HELP)
+    add_version(parser)
     add_serve_args(parser)
     return resolve_model_arg(parser, parser.parse_args(argv))
 
 
 def serve_main(argv: list[str] | None = None, prog: str = "attnserve serve") -> int:
-    return _run_serve(parse_serve_args(argv, prog))
+    return run_serve(parse_serve_args(argv, prog))
 
 
-def _add_version(parser: argparse.ArgumentParser) -> None:
+def add_version(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", action="version", version=f"attnserve {__version__}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -70,7 +70,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         raise APIError(400, "echo together with logprobs would need prompt logprobs, which are not supported; "
                             "use one or the other", "echo")
     prompts = _prompts(req.prompt)
-    params = sampling_params(req, ctx.engine.engine.generation_defaults, max_tokens=req.max_tokens,
+    params = sampling_params(req, ctx.engine.info.generation_defaults, max_tokens=req.max_tokens,
                              logprobs=req.logprobs)
     request_id = new_request_id("cmpl")
     tokenizer = ctx.tokenizer

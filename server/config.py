@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# What the built-in demo model is called in requests when --served-model-name does not say.
+DEFAULT_MODEL_NAME = "attnserve-demo"
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 # Above the default waiting queue (1024) plus a full batch (256), so the queue's 429 comes first under normal

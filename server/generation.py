@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +48,7 @@ class ServingContext:
 
     @property
     def tokenizer(self):
-        return self.engine.engine.tokenizer
+        return self.engine.info.tokenizer
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.config.served_model_names:
@@ -73,7 +73,7 @@ def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def sampling_params(req: SamplingFields, defaults: dict[str, Any], *, max_tokens: int | None,
+def sampling_params(req: SamplingFields, defaults: Mapping[str, Any], *, max_tokens: int | None,
                     logprobs: int | None) -> SamplingParams:
     """Map API fields onto SamplingParams. Fields the client left out take the model's generation_config.json
     values (as vLLM does), then the library defaults."""

@@ -22,12 +22,12 @@ import sys
 import uvicorn
 
 from engine.async_engine import AsyncEngine
+from engine.engine_args import EngineArgs
 from engine.errors import AttnServeError
-from engine.faults import FAULT_ENV, FaultSpec, inject_fault
-from engine.llm_engine import LLMEngine
+from engine.engine_info import EngineInfo
+from engine.faults import FAULT_ENV, FaultSpec
 from server.app import build_app
-from server.cli import DEFAULT_MODEL_NAME, engine_args_from
-from server.config import ServerConfig
+from server.config import DEFAULT_MODEL_NAME, ServerConfig
 from server.http_protocol import JsonErrorH11Protocol
 from server.logs import DEFAULT_STATS_INTERVAL_S, STATS_INTERVAL_ENV, configure_logging, log_stats_periodically
 
@@ -82,6 +82,19 @@ def warn_if_exposed(sock: socket.socket, api_key: str | None) -> bool:
     return True
 
 
+def engine_args_from(args: argparse.Namespace) -> EngineArgs:
+    extra = {} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}
+    return EngineArgs(
+        model=args.model, revision=args.revision, chat_template=args.chat_template, device=args.device, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=args.enable_chunked_prefill,
+        enable_prefix_caching=args.enable_prefix_caching,
+        attention_backend=args.attention_backend, load_format=args.load_format, enforce_eager=args.enforce_eager,
+        **extra,
+    )
+
+
 def serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     logging.getLogger("uvicorn.access").disabled = args.disable_access_log
@@ -89,27 +102,26 @@ def serve(args: argparse.Namespace) -> int:
         sock = bind_socket(args.host, args.port)
     except OSError as exc:
         return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+    fault = os.environ.get(FAULT_ENV)
     try:
-        engine = LLMEngine(engine_args_from(args).create_config())
+        spec = FaultSpec.parse(fault) if fault else None
+    except ValueError as exc:
+        return _fail(str(exc))
+    try:
+        engine_config = engine_args_from(args).create_config()
+        watchdog = args.engine_watchdog_timeout
+        if watchdog is None:
+            watchdog = DEFAULT_CUDA_WATCHDOG_S if engine_config.device.type == "cuda" else 0.0
+        async_engine = AsyncEngine.from_config(engine_config, watchdog_timeout_s=watchdog or None, fault=spec)
     except AttnServeError as exc:
         return _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - one clear line for an operator; the traceback at debug level
         logger.debug("model load failed", exc_info=True)
         return _fail(f"could not load the model: {type(exc).__name__}: {exc}")
     names = tuple(args.served_model_name or [args.model if args.model is not None else DEFAULT_MODEL_NAME])
-    _log_loaded(engine, args.model is None)
-    fault = os.environ.get(FAULT_ENV)
-    if fault:
-        try:
-            spec = FaultSpec.parse(fault)
-        except ValueError as exc:
-            return _fail(str(exc))
+    _log_loaded(async_engine.info, args.model is None)
+    if spec is not None:
         logger.warning("test fault injection on: %s", spec)
-        inject_fault(engine.runner.model, spec)
-    watchdog = args.engine_watchdog_timeout
-    if watchdog is None:
-        watchdog = DEFAULT_CUDA_WATCHDOG_S if engine.config.device.type == "cuda" else 0.0
-    async_engine = AsyncEngine(engine, watchdog_timeout_s=watchdog or None)
     config = ServerConfig(
         served_model_names=names, api_key=args.api_key, max_queued_requests=args.max_queued_requests,
         max_body_bytes=args.max_request_body_size, shutdown_timeout_s=args.shutdown_timeout,
@@ -139,16 +151,14 @@ def uvicorn_config(app, config: ServerConfig, *, timeout_keep_alive: float = 5.0
                           h11_max_incomplete_event_size=config.max_header_bytes)
 
 
-def _log_loaded(engine: LLMEngine, builtin: bool) -> None:
-    cfg = engine.config
-    params = sum(p.numel() for p in engine.runner.model.parameters())
-    logger.info("loaded %s from %s: %.1fM parameters, dtype %s, device %s", cfg.model.architecture, cfg.model.path,
-                params / 1e6, str(cfg.dtype).removeprefix("torch."), cfg.device)
-    blocks, block_size = engine.pool.num_blocks, cfg.cache.block_size
+def _log_loaded(info: EngineInfo, builtin: bool) -> None:
+    logger.info("loaded %s from %s: %.1fM parameters, dtype %s, device %s", info.architecture, info.model_path,
+                info.num_parameters / 1e6, str(info.dtype).removeprefix("torch."), info.device)
+    blocks, block_size = info.num_kv_blocks, info.block_size
     logger.info("KV cache: %d blocks x %d tokens = %d tokens of capacity; max_model_len %d, max_num_seqs %d, "
                 "max_num_batched_tokens %d, prefix caching %s", blocks, block_size, blocks * block_size,
-                cfg.scheduler.max_model_len, cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens,
-                "on" if cfg.cache.enable_prefix_caching else "off")
+                info.max_model_len, info.max_num_seqs, info.max_num_batched_tokens,
+                "on" if info.enable_prefix_caching else "off")
     if builtin:
         logger.info("serving the built-in demo model: a small Python code-completion model trained on the standard "
                     "library (models/demo/README.md); it completes code, it does not chat. Pass --model DIR to "

@@ -1,7 +1,7 @@
 """Tiny random-weight Hugging Face checkpoints, one per architecture variant the engine must load.
 
 Each checkpoint is written by transformers' own save_pretrained (so the files are exactly what a real
-export looks like), plus the shared byte-level BPE tokenizer from engine.default_model. A few kinds are
+export looks like), plus the shared byte-level BPE tokenizer from tools/bpe.py. A few kinds are
 then rewritten on disk to mimic layouts found in published checkpoints that transformers 5 no longer
 writes itself (4.x-style config.json, GPT-2 keys without the `transformer.` prefix).
 
@@ -36,7 +36,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from engine.default_model import (
+from tools.bpe import (
     BOS_TOKEN,
     EOS_TOKEN,
     PAD_TOKEN,

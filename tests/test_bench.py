@@ -1,4 +1,4 @@
-"""`attnserve bench` end to end, through `server.cli.main`, against live loopback servers on a tiny checkpoint.
+"""`attnserve bench` end to end, through `attnserve.cli.main`, against live loopback servers on a tiny checkpoint.
 
 Each run is small (tens of requests of a few tokens), so every test takes seconds on a 2-core CPU machine.
 """
@@ -12,9 +12,9 @@ import socket
 import httpx
 import pytest
 
+from attnserve.cli import main
 from clients.bench.scrape import GENERATION_TOKENS, PROMPT_TOKENS, parse_exposition, total
 from engine.faults import FAULT_ENV
-from server.cli import main
 from server_process import InProcessServer, ServerProcess
 
 MODEL = "bench-model"
@@ -263,7 +263,7 @@ def test_error_event_inside_a_200_stream_is_a_failure(make_ckpt, tmp_path):
 
 
 def test_offline_runs_in_process(make_ckpt, tmp_path, capsys, monkeypatch):
-    import clients.bench.offline as offline
+    import benchmarks.offline as offline
 
     monkeypatch.setattr(offline, "_transformers_available", lambda: False)
     out = tmp_path / "offline.json"

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from attnserve.cli import BENCH_COMMANDS
+from benchmarks.offline import make_workload
 from clients.bench.cli import add_bench_args
 from clients.bench.cli import main as bench_main
 from clients.bench.datasets import DatasetError, fit_lengths, length_bounds, load_file
-from clients.bench.offline import make_workload
 from clients.bench.runner import check_results_args, results_path
 
 OFFLINE = "http://127.0.0.1:9"  # nothing listens on port 9: a check that passes would show as "cannot reach"
@@ -20,7 +21,7 @@ OFFLINE = "http://127.0.0.1:9"  # nothing listens on port 9: a check that passes
 
 def _parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    add_bench_args(parser)
+    add_bench_args(parser, BENCH_COMMANDS)
     return parser.parse_args(list(argv))
 
 

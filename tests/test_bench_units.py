@@ -14,10 +14,10 @@ import pytest
 from clients.bench import BenchError
 from clients.bench.arrivals import arrival_gaps, arrival_times
 from clients.bench.cli import main as bench_main
+from clients.bench.counters import LocalTokenizer
 from clients.bench.datasets import (
     BenchRequest,
     DatasetError,
-    LocalTokenizer,
     build_from_file,
     build_random,
     load_file,
@@ -294,7 +294,7 @@ def test_random_lengths_stay_in_range():
 
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
-    from engine.default_model import build_bpe_tokenizer
+    from tools.bpe import build_bpe_tokenizer
 
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     path.write_text(build_bpe_tokenizer().to_str())
@@ -325,6 +325,65 @@ def test_chat_needs_a_model_directory_not_a_bare_tokenizer(tokenizer_file):
         asyncio.run(LocalTokenizer(tokenizer_file).count_chat([{"role": "user", "content": "x"}]))
     with pytest.raises(BenchError, match="no such file"):
         LocalTokenizer(tokenizer_file.parent / "missing.json")
+
+
+# Uses what transformers' template environment has and plain Jinja lacks (raise_exception, a tojson that keeps
+# non-ASCII and HTML characters, {% generation %}), the named special tokens, and a special token that only
+# tokenizer_config.json declares.
+_TRICKY_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool turns') }}"
+    "{% endif %}<|tool_call|>{{ m['content'] | tojson }}{% generation %}{{ m['role'] }}{{ eos_token }}"
+    "{% endgeneration %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_local_tokenizer_counts_as_the_server_reads_the_directory(make_ckpt, tmp_path):
+    """The reference is the server's own tokenizer (engine/tokenizer.py, which matches transformers): the same
+    counts for prompts and templated chats, on a test checkpoint and on a directory whose tokenizer.json truncates
+    and lacks a special token the config declares."""
+    from engine.tokenizer import Tokenizer
+    from tools.bpe import build_bpe_tokenizer, write_tokenizer_files
+
+    tricky = tmp_path / "tricky"
+    tricky.mkdir()
+    backend = build_bpe_tokenizer()
+    backend.enable_truncation(max_length=8)  # the server ignores it; so must the count
+    write_tokenizer_files(backend, tricky, chat_template=_TRICKY_TEMPLATE)
+    config_path = tricky / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["additional_special_tokens"].append("<|tool_call|>")
+    config_path.write_text(json.dumps(config))
+
+    texts = ["", "The river carves valleys over thousands of years, and the sea", "café ☕ <b>&</b> \"quoted\""]
+    for directory in (make_ckpt("llama"), tricky):
+        ours, server = LocalTokenizer(directory), Tokenizer.from_dir(directory)
+        for text in texts:
+            messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+            assert asyncio.run(ours.count_prompt(text)) == len(server.encode(text))
+            assert asyncio.run(ours.encode(text)) == server.encode(text, add_special_tokens=False)
+            assert asyncio.run(ours.count_chat(messages)) == len(server.encode_chat(messages))
+    tricky_tok = LocalTokenizer(tricky)
+    assert len(asyncio.run(tricky_tok.encode("<|tool_call|>"))) == 1  # registered, as the server registers it
+    assert asyncio.run(tricky_tok.count_prompt(texts[1])) > 8  # not truncated
+    with pytest.raises(BenchError, match="rendering the chat template failed: no tool turns"):
+        asyncio.run(tricky_tok.count_chat([{"role": "tool", "content": "x"}]))
+
+
+def test_a_model_directory_without_a_chat_template_counts_prompts_only(tmp_path):
+    from tools.bpe import build_bpe_tokenizer, write_tokenizer_files
+
+    write_tokenizer_files(build_bpe_tokenizer(), tmp_path)
+    config_path = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    del config["chat_template"]
+    config_path.write_text(json.dumps(config))
+    tok = LocalTokenizer(tmp_path)
+    assert asyncio.run(tok.count_prompt("hello")) >= 2  # BOS + text
+    with pytest.raises(BenchError, match="has no chat template"):
+        asyncio.run(tok.count_chat([{"role": "user", "content": "x"}]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BenchError, match="no tokenizer.json in it"):
+        LocalTokenizer(tmp_path / "empty")
 
 
 # ----- the stream reader, against scripted responses -----

@@ -18,8 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from checkpoints import KINDS, PARITY_PROMPTS, build_model, encode_prompt, hf_greedy
 from engine import default_model
-from engine.default_model import build_bpe_tokenizer, default_model_dir
+from engine.default_model import default_model_dir
 from engine.errors import ModelLoadError
+from tools.bpe import build_bpe_tokenizer
 
 # Kinds with their own weights; the others re-lay-out one of these on disk.
 BASE_KINDS = ("llama", "llama-linear", "llama-sharded", "mistral", "qwen2", "qwen3", "gpt2")

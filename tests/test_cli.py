@@ -118,3 +118,13 @@ def test_chat_template_that_looks_like_a_missing_file_is_a_clear_error(llama_ckp
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert "templates/missing.jinja" in line and "chat template" in line, line
+
+
+def test_bench_offline_from_an_installed_package_says_it_needs_the_source_tree(tmp_path):
+    """benchmarks/ is not installed; outside a clone the console script says where the benchmark lives."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ATTNSERVE_API_KEY", "PYTHONPATH")}
+    result = subprocess.run([str(SCRIPT), "bench", "offline", "--num-prompts", "4"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "benchmarks/offline.py" in line and "python -m attnserve bench offline" in line, line

@@ -1,5 +1,5 @@
-"""--load-format dummy: a model from config.json alone with seeded random weights, never a weight file; the built-in
-test tokenizer standing in for a missing tokenizer.json; the published benchmark shapes in benchmarks/configs."""
+"""--load-format dummy: a model from config.json alone with seeded random weights, never a weight file; the demo
+model's tokenizer standing in for a missing tokenizer.json; the published benchmark shapes in benchmarks/configs."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer as RawTokenizer
 
-from engine import LLM, ModelLoadError, SamplingParams
+from engine import LLM, ModelLoadError, SamplingParams, default_model
 from engine.config import ModelConfig
-from engine.default_model import build_bpe_tokenizer, default_model_dir
+from engine.default_model import default_model_dir
 from engine.models.common import RMSNorm
 from engine.models.dummy import tokenizer_for
 from engine.models.loader import build_meta_model, load_model
@@ -38,7 +38,8 @@ def test_config_only_directory_generates_finite_output(make_ckpt, tmp_path, capl
     with caplog.at_level(logging.WARNING):
         llm = LLM(str(model_dir), load_format="dummy", device="cpu")
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
-    outs = llm.generate([[5, 6, 7, 8], "Once upon a time"], params, use_tqdm=False)
+    # The text's ids in the stand-in (the demo model's 8192-token tokenizer) fit this model's 4096.
+    outs = llm.generate([[5, 6, 7, 8], "def main():\n    return"], params, use_tqdm=False)
     vocab = ModelConfig.from_dir(model_dir).vocab_size
     for out in outs:
         completion = out.outputs[0]
@@ -48,7 +49,7 @@ def test_config_only_directory_generates_finite_output(make_ckpt, tmp_path, capl
     # The start-up log says the weights are random, and why the tokenizer is not the model's.
     warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert "weights are RANDOM" in warnings and "seed 0" in warnings
-    assert "built-in test tokenizer" in warnings and "for benchmarks only" in warnings
+    assert "the demo model's tokenizer" in warnings and "for benchmarks only" in warnings
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gpt2"])
@@ -111,8 +112,8 @@ def test_the_directory_tokenizer_wins_and_the_fallback_is_dummy_only(make_ckpt, 
     with_tokenizer = config_only(make_ckpt, "llama", tmp_path / "t", "tokenizer.json", "tokenizer_config.json")
     with caplog.at_level(logging.WARNING):
         llm = LLM(str(with_tokenizer), load_format="dummy", device="cpu")
-    assert "built-in test tokenizer" not in caplog.text
-    # The directory's tokenizer keeps its eos; the built-in stand-in has none of its own.
+    assert "the demo model's tokenizer" not in caplog.text
+    # The directory's tokenizer keeps its eos; the stand-in drops the demo model's.
     assert llm.get_tokenizer().eos_token_id is not None
     # Without dummy a missing tokenizer.json is an error, as before: the stand-in is for benchmarks only.
     with pytest.raises(ModelLoadError, match="tokenizer.json"):
@@ -120,20 +121,29 @@ def test_the_directory_tokenizer_wins_and_the_fallback_is_dummy_only(make_ckpt, 
 
 
 def test_the_fallback_warning_names_the_tokenizer_really_used(make_ckpt, tmp_path, caplog):
-    """The stand-in is engine.default_model's byte-level BPE, not the demo model's tokenizer: the warning says so,
-    with the size of the tokenizer it really returns."""
+    """The stand-in is the demo model's tokenizer, read from its checkpoint, not the model directory's (the test
+    checkpoints' smaller BPE): the warning says so, with the size of the tokenizer it really returns."""
     cfg = ModelConfig.from_dir(config_only(make_ckpt, "llama", tmp_path / "m"))
     with caplog.at_level(logging.WARNING, logger="engine.models.dummy"):
         tokenizer = tokenizer_for(cfg, "dummy")
     (warning,) = [r.getMessage() for r in caplog.records if r.name == "engine.models.dummy"]
-    reference = build_bpe_tokenizer()
+    reference_file = default_model_dir() / "tokenizer.json"
+    reference = RawTokenizer.from_file(str(reference_file))
     text = "def main():\n    print('héllo, wörld')"
     assert tokenizer.encode(text, add_special_tokens=False) == reference.encode(text, add_special_tokens=False).ids
     size = reference.get_vocab_size(with_added_tokens=True)
-    assert f"built-in test tokenizer, a {size}-token byte-level BPE" in warning, warning
-    demo_size = RawTokenizer.from_file(str(default_model_dir() / "tokenizer.json")).get_vocab_size()
-    assert demo_size != size and f"{demo_size}-token" not in warning, warning
-    assert "demo tokenizer" not in warning, warning
+    assert f"the demo model's tokenizer ({reference_file}, {size} tokens)" in warning, warning
+    own_size = RawTokenizer.from_file(str(make_ckpt("llama") / "tokenizer.json")).get_vocab_size()
+    assert own_size != size and f"{own_size} tokens" not in warning, warning
+    # The demo's eos ids mean nothing to this model: only its own config.json's end a sequence.
+    assert tokenizer.eos_token_ids == frozenset()
+
+
+def test_the_fallback_needs_the_demo_model(make_ckpt, tmp_path, monkeypatch):
+    cfg = ModelConfig.from_dir(config_only(make_ckpt, "llama", tmp_path / "m"))
+    monkeypatch.setenv(default_model.DEMO_MODEL_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(ModelLoadError, match=r"no tokenizer.json in .*the demo model's tokenizer, is not at .*nowhere"):
+        tokenizer_for(cfg, "dummy")
 
 
 def test_serve_with_load_format_dummy_answers_a_completion(make_ckpt, tmp_path):
@@ -146,7 +156,7 @@ def test_serve_with_load_format_dummy_answers_a_completion(make_ckpt, tmp_path):
         log = server.log()
     assert resp.status_code == 200, resp.text
     assert resp.json()["usage"]["completion_tokens"] == 4
-    assert "weights are RANDOM" in log and "built-in test tokenizer" in log
+    assert "weights are RANDOM" in log and "the demo model's tokenizer" in log
 
 
 # Totals of the published checkpoints: Qwen3-0.6B 0.6B (0.44B without its tied embedding), Llama 3 8B 8.03B.

@@ -281,7 +281,7 @@ def test_log_prompts_flag_end_to_end(make_ckpt):
 
 def test_bad_log_format_is_refused():
     with pytest.raises(SystemExit) as exc:
-        from server.cli import main
+        from attnserve.cli import main
         main(["serve", "--log-format", "xml"])
     assert exc.value.code == 2
 

@@ -9,7 +9,8 @@ import random
 import pytest
 import torch
 
-from kernels.backend import BatchLayout, available_backends, get_attention_backend, segment_offsets
+from kernels.backend import available_backends, get_attention_backend
+from kernels.interface import BatchLayout, segment_offsets
 
 
 def reference(q, keys, values, start, window, scale):

@@ -497,11 +497,12 @@ def test_second_sigterm_ends_open_streams_properly_and_exits_fast_and_quietly(ck
         sent = time.monotonic()
         proc.signal(signal.SIGTERM)
         events = reader.finish(timeout=15)
-        assert reader.ended_at - sent < 3, f"the stream ended {reader.ended_at - sent:.1f}s after the second signal"
+        # Bounds far below the 60 s drain, with room for a loaded CI machine.
+        assert reader.ended_at - sent < 5, f"the stream ended {reader.ended_at - sent:.1f}s after the second signal"
         err = _assert_ends_with_error_event(events)["error"]
         assert_openai_error({"error": err}, 503)
-        assert proc.wait(timeout=10) == 0, proc.log()[-3000:]
-        assert time.monotonic() - sent < 5
+        assert proc.wait(timeout=20) == 0, proc.log()[-3000:]
+        assert time.monotonic() - sent < 15
         log = proc.log()
         assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
         assert "received SIGTERM again: ending 1 open request now and exiting" in log

@@ -179,7 +179,7 @@ def sync_debug_errors():
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
 def test_cuda_decode_steps_do_not_sync(llama, monkeypatch, enforce_eager):
     llm = LLM(str(llama), device="cuda", max_model_len=128, max_num_seqs=8, enforce_eager=enforce_eager)
-    # Warm-up outside the check: Triton compiles its kernels, the varlen probe runs once, and the
+    # Warm-up outside the check: Triton compiles its kernels and the
     # rotary tables move to the GPU on first use.
     llm.generate(random_prompts(8, seed=2), every_knob(8), use_tqdm=False)
     runner = llm.engine.runner

@@ -4,7 +4,6 @@ LLM(attention_backend="triton") against the SDPA backend with chunked prefill.""
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 
@@ -14,10 +13,10 @@ import torch
 pytest.importorskip("triton")
 
 from engine import LLM, SamplingParams  # noqa: E402
-from kernels.backend import BatchLayout, get_attention_backend  # noqa: E402
+from kernels.backend import get_attention_backend  # noqa: E402
+from kernels.interface import BatchLayout  # noqa: E402
 from kernels.kv_write import write_kv  # noqa: E402
 from kernels.triton_backend import TritonBackend  # noqa: E402
-from kernels.varlen_extend import build_varlen_args, varlen_api, varlen_unsupported  # noqa: E402
 # Skips this module too where the kernels cannot run in this process.
 from test_triton_kernels import DEVICE, PagedBatch, assert_matches, expected_rows, make_batch  # noqa: E402
 
@@ -93,56 +92,6 @@ def test_metadata_serves_every_layer():
     for batch in layers:
         out = backend.forward(batch.q, batch.k_new, batch.v_new, batch.k_cache, batch.v_cache, metadata, 0.25, None)
         assert_matches(out, expected_rows(batch, 0.25, None))
-
-
-def test_varlen_detection():
-    """torch's paged varlen_attn runs FlashAttention: never on CPU; on CUDA the probe decides, and the
-    half-precision step above covers whichever extend path it chose."""
-    reason = varlen_unsupported(DEVICE, torch.float32, 16, 8, 2, 32)
-    if varlen_api() is None:
-        assert "has no varlen_attn with a block table" in reason
-    elif DEVICE.type == "cpu":
-        assert reason == "varlen_attn runs FlashAttention, which has no cpu kernel"
-
-
-def fake_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale, window_size, enable_gqa,
-                     seqused_k, block_table, shift_window: int = 0):
-    """varlen_attn's documented paged semantics in plain torch: keys through block_table up to
-    seqused_k, causal aligned to the end of the keys, window_size (left, 0) = keys p - left .. p."""
-    out = torch.empty_like(query)
-    page, group = key.shape[1], query.shape[1] // key.shape[2]
-    for b in range(len(seqused_k)):
-        rows, length = slice(int(cu_seq_q[b]), int(cu_seq_q[b + 1])), int(seqused_k[b])
-        pos = torch.arange(length)
-        slots = (block_table[b, pos // page].long(), pos % page)
-        k, v = key[slots].repeat_interleave(group, 1), value[slots].repeat_interleave(group, 1)
-        q_pos = torch.arange(length - (rows.stop - rows.start), length)[:, None]
-        allowed = pos[None, :] <= q_pos
-        if window_size[0] >= 0:
-            allowed &= pos[None, :] >= q_pos - window_size[0] - shift_window
-        scores = torch.einsum("qhd,khd->hqk", query[rows].float(), k.float()) * scale
-        out[rows] = torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v.float())
-    return out
-
-
-def test_varlen_probe_accepts_matching_semantics_and_rejects_others(monkeypatch):
-    import kernels.varlen_extend as varlen
-
-    monkeypatch.setattr(varlen, "varlen_api", lambda: fake_varlen_attn)
-    assert varlen._probe(torch.device("cpu"), torch.float32, 4, 8, 2, 16) is None
-    monkeypatch.setattr(varlen, "varlen_api", lambda: functools.partial(fake_varlen_attn, shift_window=1))
-    assert "disagrees with the reference" in varlen._probe(torch.device("cpu"), torch.float32, 4, 8, 2, 16)
-
-
-def test_varlen_args_layout():
-    tables = torch.arange(12).view(4, 3)
-    args = build_varlen_args([1, 5, 1, 3], [9, 5, 2, 10], [1, 3], [0, 1, 6, 7], tables, torch.device("cpu"))
-    assert args.cu_seq_q.tolist() == [0, 5, 8] and args.cu_seq_k.tolist() == [0, 5, 15]
-    assert args.seqused_k.tolist() == [5, 10] and args.max_q == 5 and args.max_k == 10
-    assert args.block_table.tolist() == [[3, 4, 5], [9, 10, 11]] and args.block_table.dtype == torch.int32
-    assert args.rows.tolist() == [1, 2, 3, 4, 5, 7, 8, 9]  # not consecutive: an index
-    consecutive = build_varlen_args([1, 5, 3], [9, 5, 10], [1, 2], [0, 1, 6], tables, torch.device("cpu"))
-    assert consecutive.rows == slice(1, 9)
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)

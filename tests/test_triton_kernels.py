@@ -1,7 +1,7 @@
 """The Triton kernels (KV write, split-KV decode, paged extend), through the Triton interpreter on CPU
-or compiled on a GPU, each against its torch reference and against naive float64 attention over the sequence's contiguous
-history. Caches are poisoned with NaN everywhere no live token sits, and outputs are pre-filled with
-NaN, so a stray read or an unwritten row fails loudly."""
+or compiled on a GPU, each against its torch reference (kernel_oracles.py) and against naive float64
+attention over the sequence's contiguous history. Caches are poisoned with NaN everywhere no live token
+sits, and outputs are pre-filled with NaN, so a stray read or an unwritten row fails loudly."""
 
 from __future__ import annotations
 
@@ -15,15 +15,11 @@ import torch
 
 pytest.importorskip("triton")
 
+from kernel_oracles import paged_decode_reference, paged_extend_reference, write_kv_reference  # noqa: E402
 from kernels.triton_common import interpreter_enabled  # noqa: E402
-from kernels.triton_decode import (  # noqa: E402
-    MAX_SPLITS,
-    choose_num_splits,
-    paged_decode_attention,
-    paged_decode_reference,
-)
-from kernels.triton_extend import paged_extend_attention, paged_extend_reference  # noqa: E402
-from kernels.triton_kv_write import write_kv_reference, write_kv_triton  # noqa: E402
+from kernels.triton_decode import MAX_SPLITS, choose_num_splits, paged_decode_attention  # noqa: E402
+from kernels.triton_extend import paged_extend_attention  # noqa: E402
+from kernels.triton_kv_write import write_kv_triton  # noqa: E402
 
 # Triton settles compiled-vs-interpreted when it is first imported, which happens during collection
 # (torch._dynamo imports it). So the kernels run here on a GPU, or on CPU when this process started

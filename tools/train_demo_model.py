@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, pre_tokenizers
 from torch import nn
 
-from engine.default_model import IM_END_TOKEN, IM_START_TOKEN, train_byte_level_bpe, write_tokenizer_files
+from tools.bpe import IM_END_TOKEN, IM_START_TOKEN, train_byte_level_bpe, write_tokenizer_files
 
 # ----- corpus -----
 

@@ -1,5 +1,5 @@
 """Part 1, correctness at real shapes: the Triton decode and extend kernels and the TritonBackend against the
-float32 torch references next to the kernels and against the SDPA backend; bf16, block size 16, the heads of
+float32 torch references of tests/kernel_oracles.py and against the SDPA backend; bf16, block size 16, the heads of
 the published models, contexts up to 8k.
 
 A check passes when every element satisfies |got - want| <= tol * (1 + |want|): against the float32
@@ -11,11 +11,11 @@ backends must leave bit-identical caches.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import asdict, dataclass
 
 import torch
 
+from kernel_oracles import paged_decode_reference, paged_extend_reference
 from kernels.sdpa import SdpaBackend
 
 from .env import Env
@@ -71,11 +71,6 @@ class CorrectnessRun:
         self.notes: list[str] = []
 
     def run(self, shapes: list[AttentionShape]) -> None:
-        try:
-            importlib.import_module("kernels.triton_decode")  # the references live next to the kernels
-        except ImportError as exc:
-            self.notes.append(f"skipped: the torch references in kernels/triton_*.py need triton ({exc})")
-            return
         if not self.env.triton_runs:
             self.notes.append(f"Triton checks skipped: {self.env.triton_mode}; the SDPA backend is checked alone")
         with torch.inference_mode():
@@ -197,10 +192,7 @@ TABLE_COLUMNS = ["model", "check", "case", "max |err|", "err / tol", "result"]
 
 def reference_rows(batch: PagedBatch, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
                    window: int | None) -> torch.Tensor:
-    """The float32 torch references (kernels/triton_decode.py, triton_extend.py) for every row of the batch."""
-    from kernels.triton_decode import paged_decode_reference
-    from kernels.triton_extend import paged_extend_reference
-
+    """The float32 torch references (tests/kernel_oracles.py) for every row of the batch."""
     out = torch.zeros(batch.q.shape, dtype=torch.float32, device=batch.device)
     args = (batch.q, k_cache, v_cache, batch.block_tables, batch.seq_lens(), batch.query_start())
     decodes = batch.seqs(decodes=True)

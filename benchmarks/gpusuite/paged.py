@@ -12,7 +12,7 @@ from itertools import accumulate
 
 import torch
 
-from kernels.backend import BatchLayout
+from kernels.interface import BatchLayout
 
 from .shapes import AttentionShape
 

@@ -1,8 +1,8 @@
-"""`attnserve bench`: load tests against any OpenAI-compatible server (`serve`, `sweep`) and the in-process
-offline throughput benchmark (`offline`).
+"""`attnserve bench serve|sweep`: load tests against any OpenAI-compatible server, over HTTP only (the in-process
+`bench offline` is benchmarks/offline.py).
 
 Importing this package is cheap on purpose (the `attnserve` command imports it for its flags): httpx, tqdm,
-tokenizers, prometheus_client, matplotlib and the engine are imported only by the modules that run a benchmark.
+tokenizers, jinja2, prometheus_client and matplotlib are imported only by the modules that run a benchmark.
 """
 
 

@@ -1,4 +1,4 @@
-"""`python -m clients.bench serve|sweep|offline ...`, the same as `attnserve bench ...`."""
+"""`python -m clients.bench serve|sweep ...`: the same as `attnserve bench serve|sweep ...`."""
 
 import sys
 

@@ -1,7 +1,9 @@
-"""Flags of `attnserve bench serve|sweep|offline`, and the dispatch to the module that runs each.
+"""Flags of `attnserve bench serve|sweep`, and the dispatch to the module that runs each.
 
-Only argparse, os and sys are imported here: `attnserve --help` and `attnserve serve` build this parser too, so
-the modules that do the work (httpx, tqdm, tokenizers, the engine, matplotlib) are imported when a command runs.
+`attnserve --help` and `attnserve serve` build this parser too, so the modules that do the work (tqdm, tokenizers,
+jinja2, matplotlib) are imported only when a command runs.
+The `attnserve` command (attnserve/cli.py) passes COMMANDS and `bench offline` (benchmarks/offline.py) to
+add_bench_args and run_bench; `python -m clients.bench` has serve and sweep only.
 """
 
 from __future__ import annotations
@@ -11,25 +13,21 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from typing import NamedTuple
 
 from clients.base import API_KEY_ENV, DEFAULT_BASE_URL
+from clients.bench import BenchError
+from clients.bench.defaults import DEFAULT_DURATION_PROMPTS, DEFAULT_INPUT_LEN, DEFAULT_NUM_PROMPTS, DEFAULT_OUTPUT_LEN
 
-DEFAULT_NUM_PROMPTS = 1000  # vLLM's default, so results compare
-DEFAULT_DURATION_PROMPTS = 100  # distinct prompts cycled through when --duration is given
-# vLLM's random-dataset defaults, lowered when the server's max_model_len is smaller (datasets.fit_lengths).
-DEFAULT_INPUT_LEN = 1024
-DEFAULT_OUTPUT_LEN = 128
 DATASET_NAMES = ("random", "sharegpt", "custom")  # vLLM's --dataset-name values that map onto --dataset
-# `bench offline`: 64 prompts, input and output lengths uniform in [32, 256] (the recorded results' workload, see
-# docs/benchmarks.md): floor(144 * 0.225) = 32 and ceil(144 * 1.775) = 256.
-OFFLINE_NUM_PROMPTS = 64
-OFFLINE_LEN = 144
-OFFLINE_RANGE_RATIO = 0.775
 GOODPUT_KEYS = ("ttft", "tpot", "e2el")
 
 
 def checked(parse: Callable[[str], float], ok: Callable[[float], bool], expected: str) -> Callable[[str], float]:
-    """An argparse type: parse, then check; either failure names what was expected (server/cli.py uses it too)."""
+    """An argparse type: parse, then check; either failure names what was expected.
+
+    NOTE: server/cli.py has its own copy of these few lines: the clients speak HTTP only and the server never
+    imports them, so neither package can hold the one both use."""
 
     def convert(text: str):
         try:
@@ -182,73 +180,52 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     _add_output_args(p, sweep=True)
 
 
-def _add_offline_args(p: argparse.ArgumentParser) -> None:
-    # The workload flags are those of `bench serve` (the former benchmarks/offline_throughput.py's --num-requests
-    # and --json are still accepted, unlisted).
-    p.add_argument("--model", default=None, metavar="DIR",
-                   help="HF model directory (default: build a random ~56M-parameter Llama in a temp dir)")
-    p.add_argument("--num-prompts", type=positive_int, default=OFFLINE_NUM_PROMPTS,
-                   help=f"requests (default: {OFFLINE_NUM_PROMPTS})")
-    p.add_argument("--num-requests", type=positive_int, dest="num_prompts", default=argparse.SUPPRESS,
-                   help=argparse.SUPPRESS)
-    p.add_argument("--input-len", type=positive_int, default=OFFLINE_LEN, metavar="L",
-                   help=f"prompt tokens (random ids) (default: {OFFLINE_LEN})")
-    p.add_argument("--output-len", type=positive_int, default=OFFLINE_LEN, metavar="L",
-                   help=f"output tokens (default: {OFFLINE_LEN})")
-    p.add_argument("--range-ratio", type=range_ratio, default=OFFLINE_RANGE_RATIO, metavar="R",
-                   help=f"lengths uniform in [floor(L*(1-r)), ceil(L*(1+r))], as in `bench serve` (default: "
-                        f"{OFFLINE_RANGE_RATIO}, so the default lengths are uniform in [32, 256])")
-    p.add_argument("--hf-batch-size", type=positive_int, nargs="+", default=[1, 16],
-                   help="transformers batch sizes to measure (1 = generate per prompt) (default: 1 16)")
-    p.add_argument("--max-num-seqs", type=positive_int, default=256, help="(default: 256)")
-    p.add_argument("--max-num-batched-tokens", type=positive_int, default=None)
-    p.add_argument("--device", default="cpu", help="(default: cpu)")
-    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    p.add_argument("--skip-hf", action="store_true",
-                   help="only measure attnserve (also implied when transformers is not installed)")
-    p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results here")
-    p.add_argument("--json", dest="out", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+class BenchCommand(NamedTuple):
+    """One `attnserve bench` sub-command."""
+
+    help: str
+    description: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]  # imports the modules that do the work, so --help stays fast
 
 
-_SUBCOMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
-    "serve": ("load-test a running OpenAI-compatible server and report latency and throughput",
-              "Sends a workload (random prompts of exact token counts, a JSONL file or a ShareGPT file) at a "
-              "given arrival rate and concurrency, streaming every response, and reports TTFT, TPOT, ITL and "
-              "end-to-end latency percentiles, throughput, goodput and failures by kind.", _add_serve_args),
-    "sweep": ("run `bench serve` at several request rates or concurrencies",
-              "Runs the same workload at each point of --request-rates and/or --max-concurrencies and reports "
-              "throughput against latency.", _add_sweep_args),
-    "offline": ("offline output tokens/s of the engine in-process, vs transformers' generate",
-                "Random prompts (token ids) and output lengths, greedy with ignore_eos; throughput = requested "
-                "output tokens / wall time. transformers is measured per --hf-batch-size (batch 1 = generate "
-                "per prompt; larger batches are left-padded and generate their longest output).", _add_offline_args),
+def _run_serve(args: argparse.Namespace) -> int:
+    from clients.bench.runner import run_serve
+
+    return run_serve(args)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from clients.bench.sweep import run_sweep
+
+    return run_sweep(args)
+
+
+COMMANDS: dict[str, BenchCommand] = {
+    "serve": BenchCommand(
+        "load-test a running OpenAI-compatible server and report latency and throughput",
+        "Sends a workload (random prompts of exact token counts, a JSONL file or a ShareGPT file) at a given arrival "
+        "rate and concurrency, streaming every response, and reports TTFT, TPOT, ITL and end-to-end latency "
+        "percentiles, throughput, goodput and failures by kind.", _add_serve_args, _run_serve),
+    "sweep": BenchCommand(
+        "run `bench serve` at several request rates or concurrencies",
+        "Runs the same workload at each point of --request-rates and/or --max-concurrencies and reports throughput "
+        "against latency.", _add_sweep_args, _run_sweep),
 }
 
 
-def add_bench_args(p: argparse.ArgumentParser) -> None:
+def add_bench_args(p: argparse.ArgumentParser, commands: dict[str, BenchCommand] = COMMANDS) -> None:
     """Sub-commands of `attnserve bench`. Sub-parsers inherit the parent's class, so a bad flag is one line."""
-    sub = p.add_subparsers(dest="bench_command", metavar="serve|sweep|offline")
-    sub.required = True
-    for name, (help_text, description, add_args) in _SUBCOMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=description))
+    sub = p.add_subparsers(dest="bench_command", metavar="|".join(commands), required=True)
+    for name, command in commands.items():
+        command.add_args(sub.add_parser(name, help=command.help, description=command.description))
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def run_bench(args: argparse.Namespace, commands: dict[str, BenchCommand] = COMMANDS) -> int:
+    """Run the parsed sub-command; a BenchError or ^C ends it with one line, not a traceback."""
     command = args.bench_command
-    from clients.bench import BenchError
-
     try:
-        if command == "serve":
-            from clients.bench.runner import run_serve
-
-            return run_serve(args)
-        if command == "sweep":
-            from clients.bench.sweep import run_sweep
-
-            return run_sweep(args)
-        from clients.bench.offline import run_offline
-
-        return run_offline(args)
+        return commands[command].run(args)
     except BenchError as exc:
         print(f"attnserve bench {command}: error: {exc}", file=sys.stderr)
         return 1
@@ -257,11 +234,11 @@ def run_bench(args: argparse.Namespace) -> int:
         return 130
 
 
-BENCH_HELP = "benchmarks: load-test a server (serve, sweep) or the engine in-process (offline)"
+BENCH_HELP = "load-test an OpenAI-compatible server (serve: one load; sweep: several)"
 
 
 class _Parser(argparse.ArgumentParser):
-    """One-line errors, for `python -m clients.bench` (`attnserve bench` uses the server CLI's parser class)."""
+    """One-line errors, for `python -m clients.bench` (`attnserve bench` uses the attnserve command's parser)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

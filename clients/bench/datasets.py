@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from clients.bench import BenchError
-from clients.bench.cli import DEFAULT_INPUT_LEN, DEFAULT_OUTPUT_LEN
+from clients.bench.defaults import DEFAULT_INPUT_LEN, DEFAULT_OUTPUT_LEN
 
 # Distinct ordinary words: their token ids are the alphabet random prompts are drawn from. Real word pieces (rather
 # than arbitrary vocabulary ids, which include control bytes and special tokens) survive decode -> encode closely,
@@ -56,7 +56,7 @@ class BenchRequest:
 
 
 class TokenCounter(Protocol):
-    """Token counting as the target server does it."""
+    """Token counting as the target server does it (counters.py: the server's /tokenize, or --tokenizer PATH)."""
 
     async def encode(self, text: str) -> list[int]: ...  # plain text, no special tokens
 
@@ -65,85 +65,6 @@ class TokenCounter(Protocol):
     async def count_prompt(self, text: str) -> int: ...  # as a completions request is charged (with BOS)
 
     async def count_chat(self, messages: list[dict]) -> int: ...  # templated, with the generation prompt
-
-
-class ServerTokenizer:
-    """Counts with the target's /tokenize and /detokenize (an httpx.AsyncClient on its base URL)."""
-
-    def __init__(self, client: Any, model: str):
-        self.client = client
-        self.model = model
-
-    async def _post(self, route: str, body: dict) -> dict:
-        import httpx
-
-        try:
-            response = await self.client.post(route, json={"model": self.model, **body})
-        except httpx.HTTPError as exc:
-            raise BenchError(f"POST {route} failed: {exc!r}") from None
-        if response.status_code != 200:
-            # 404 is also how a server answers an unknown model, so the server's own message is shown first.
-            hint = "; a server without this route needs --tokenizer PATH" if response.status_code in (404, 405) else ""
-            raise BenchError(f"POST {route} answered {response.status_code}: {response.text[:300]}{hint}")
-        return response.json()
-
-    async def encode(self, text: str) -> list[int]:
-        return (await self._post("/tokenize", {"prompt": text, "add_special_tokens": False}))["tokens"]
-
-    async def decode(self, ids: list[int]) -> str:
-        return (await self._post("/detokenize", {"tokens": ids}))["prompt"]
-
-    async def count_prompt(self, text: str) -> int:
-        return (await self._post("/tokenize", {"prompt": text, "add_special_tokens": True}))["count"]
-
-    async def count_chat(self, messages: list[dict]) -> int:
-        return (await self._post("/tokenize", {"messages": messages, "add_generation_prompt": True}))["count"]
-
-
-class LocalTokenizer:
-    """Counts with a local tokenizer.json, or a model directory (which also gives the chat template)."""
-
-    def __init__(self, path: str | Path):
-        path = Path(path)
-        self._chat = None  # the engine's Tokenizer when the directory could be loaded the way the server loads it
-        if path.is_dir():
-            try:
-                from engine.tokenizer import Tokenizer  # reads the directory exactly as the server does
-            except ImportError:
-                path = path / "tokenizer.json"
-            else:
-                try:
-                    self._chat = Tokenizer.from_dir(path)
-                except Exception as exc:  # noqa: BLE001 - ModelLoadError and friends: the message says what is wrong
-                    raise BenchError(f"--tokenizer {path}: {exc}") from None
-                self._backend = self._chat.backend
-                return
-        if not path.is_file():
-            raise BenchError(f"--tokenizer {path}: no such file or directory (give a tokenizer.json or a model dir)")
-        import tokenizers
-
-        try:
-            self._backend = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as exc:  # noqa: BLE001 - the Rust loader raises a bare Exception
-            raise BenchError(f"--tokenizer {path} is not a valid tokenizer.json: {exc}") from None
-
-    async def encode(self, text: str) -> list[int]:
-        return self._backend.encode(text, add_special_tokens=False).ids
-
-    async def decode(self, ids: list[int]) -> str:
-        return self._backend.decode(ids, skip_special_tokens=False)
-
-    async def count_prompt(self, text: str) -> int:
-        return len(self._backend.encode(text, add_special_tokens=True).ids)
-
-    async def count_chat(self, messages: list[dict]) -> int:
-        if self._chat is None:
-            raise BenchError("--endpoint chat with --tokenizer needs a model directory (for its chat template), "
-                             "not a bare tokenizer.json")
-        try:
-            return len(self._chat.encode_chat(messages, add_generation_prompt=True))
-        except Exception as exc:  # noqa: BLE001 - a template error names its cause
-            raise BenchError(f"--tokenizer: rendering the chat template failed: {exc}") from None
 
 
 # ----- random prompts of exact lengths -----

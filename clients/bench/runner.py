@@ -22,15 +22,9 @@ import httpx
 from clients.base import auth_headers
 from clients.bench import BenchError
 from clients.bench.arrivals import arrival_gaps
-from clients.bench.cli import DEFAULT_DURATION_PROMPTS, DEFAULT_NUM_PROMPTS
-from clients.bench.datasets import (
-    BenchRequest,
-    LocalTokenizer,
-    ServerTokenizer,
-    build_from_file,
-    build_random,
-    fit_lengths,
-)
+from clients.bench.counters import LocalTokenizer, ServerTokenizer
+from clients.bench.datasets import BenchRequest, build_from_file, build_random, fit_lengths
+from clients.bench.defaults import DEFAULT_DURATION_PROMPTS, DEFAULT_NUM_PROMPTS
 from clients.bench.metrics import RequestRecord, summarize
 from clients.bench.scrape import Samples, parse_exposition, server_summary
 from clients.errors import error_fields

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from engine.config import RopeConfig
-from kernels.backend import AttentionBackend
+from kernels.interface import AttentionBackend
 
 
 @dataclass

@@ -9,8 +9,8 @@ norm weights 1), so hidden states keep their scale through any depth and the log
 from a generator on the device seeded with the engine seed: the same seed on the same device gives the
 same weights, and nothing else in the process changes them (the global RNG is not touched).
 
-A directory holding only config.json has no tokenizer either; then the built-in test tokenizer (the byte-level
-BPE that engine/default_model.py trains on a small built-in corpus, not the demo model's) stands in.
+A directory holding only config.json has no tokenizer either; then the demo model's tokenizer, read from its
+checkpoint, stands in.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.default_model import DEMO_MODEL_ENV, demo_model_path
+from engine.errors import ModelLoadError
 from engine.models.common import RMSNorm
 from engine.tokenizer import Tokenizer
 
@@ -64,33 +66,29 @@ def warn_random_weights(cfg: ModelConfig, seed: int) -> None:
 
 
 def tokenizer_for(cfg: ModelConfig, load_format: str) -> Tokenizer:
-    """The model directory's tokenizer. Only under load_format dummy may tokenizer.json be missing: then
-    fallback_tokenizer() stands in, with a warning (any other format needs the model's own)."""
+    """The model directory's tokenizer. Only under load_format dummy may tokenizer.json be missing: then the demo
+    model's tokenizer stands in, with a warning (any other format needs the model's own)."""
     if load_format != "dummy" or (cfg.path / "tokenizer.json").is_file():
         return Tokenizer.from_dir(cfg.path)
-    tokenizer = fallback_tokenizer()
+    demo_dir = demo_model_path()
+    if not (demo_dir / "tokenizer.json").is_file():
+        raise ModelLoadError(
+            f"load_format=dummy and no tokenizer.json in {cfg.path}; its stand-in, the demo model's tokenizer, is "
+            f"not at {demo_dir} either. Add the model's tokenizer.json, or set ${DEMO_MODEL_ENV} to the demo "
+            "model's directory")
+    demo = Tokenizer.from_dir(demo_dir)
+    # NOTE: without the demo's eos ids on purpose: they mean nothing in this model's vocabulary, so generation stops
+    # only on the eos ids of the model's own config.json.
+    special = {name: token for name, token in demo.special_tokens.items() if name != "eos_token"}
+    tokenizer = Tokenizer(demo.backend, special_tokens=special, chat_templates={"default": demo.chat_template})
     size = tokenizer.vocab_size
     short = (f"; this model's vocabulary has only {cfg.vocab_size} ids, so text prompts with ids >= {cfg.vocab_size} "
              "are refused") if cfg.vocab_size < size else ""
     logger.warning(
-        "load_format=dummy and no tokenizer.json in %s: using the built-in test tokenizer, a %d-token byte-level "
-        "BPE trained on a small built-in corpus (neither this model's tokenizer nor the demo model's). This is for "
-        "benchmarks only: text is encoded with that vocabulary, and generated token ids >= %d decode to no text%s. "
-        "Send prompts as token ids, or add the model's tokenizer.json, for meaningful token counts.",
-        cfg.path, size, size, short,
+        "load_format=dummy and no tokenizer.json in %s: using the demo model's tokenizer (%s, %d tokens), not "
+        "this model's. This is for benchmarks only: text is encoded with that vocabulary, and generated token ids "
+        ">= %d decode to no text%s. Send prompts as token ids, or add the model's tokenizer.json, for meaningful "
+        "token counts.",
+        cfg.path, demo_dir / "tokenizer.json", size, size, short,
     )
     return tokenizer
-
-
-def fallback_tokenizer() -> Tokenizer:
-    """The byte-level BPE of engine.default_model.build_bpe_tokenizer (the test checkpoints' tokenizer, not the demo
-    model's) with the ChatML template, built in memory."""
-    from engine.default_model import BOS_TOKEN, CHATML_TEMPLATE, PAD_TOKEN, build_bpe_tokenizer
-
-    # NOTE: no eos_token on purpose: this tokenizer's end-of-text id means nothing in the model's vocabulary,
-    # so generation stops only on the eos ids of the model's own config.json.
-    return Tokenizer(
-        build_bpe_tokenizer(),
-        special_tokens={"bos_token": BOS_TOKEN, "pad_token": PAD_TOKEN},
-        chat_templates={"default": CHATML_TEMPLATE},
-    )

@@ -1,5 +1,5 @@
 """`attnserve bench offline`: offline throughput of the engine in-process vs transformers' generate, same model,
-same prompts, same run (formerly benchmarks/offline_throughput.py; the workload flags are named as in `bench serve`).
+same prompts, same run (the workload flags are named as in `bench serve`, and drawn as it draws them).
 
     attnserve bench offline                 # CPU default: 64 requests, lengths in [32, 256], a ~56M Llama shape
     attnserve bench offline --num-prompts 256 --input-len 562 --output-len 562 --range-ratio 0.821  # [100, 1024]
@@ -26,7 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from clients.bench.cli import BenchCommand, positive_int, range_ratio
 from clients.bench.datasets import length_bounds
+
+# 64 prompts, input and output lengths uniform in [32, 256] (the recorded results' workload, see docs/benchmarks.md):
+# floor(144 * 0.225) = 32 and ceil(144 * 1.775) = 256.
+OFFLINE_NUM_PROMPTS = 64
+OFFLINE_LEN = 144
+OFFLINE_RANGE_RATIO = 0.775
 
 # The ~56M-parameter Llama shape the recorded results (docs/benchmarks.md) use: 8 layers, hidden 512, GQA 8/4.
 LLAMA_50M = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8,
@@ -37,13 +44,14 @@ INIT_STD = 0.02  # transformers' initializer_range default, so the weights look 
 def build_llama_50m(out_dir: Path, vocab_size: int = 32000, num_hidden_layers: int = 8) -> Path:
     """A random-weight Llama-shape checkpoint of ~56M parameters (untied), written as a Hugging Face directory
     without transformers: config.json in LlamaConfig's layout, N(0, 0.02) matrices and unit norms in safetensors,
-    and the engine's byte-level BPE tokenizer (4096 tokens). Offline, prompts are token ids, so the tokenizer's
-    vocabulary does not matter; for serving it does (ids past the tokenizer decode to no text, so streams would
-    look empty), which is what vocab_size=4096, num_hidden_layers=16 (~51M parameters) is for."""
+    and the test checkpoints' byte-level BPE tokenizer (tools/bpe.py, 4096 tokens). Offline, prompts are token
+    ids, so the tokenizer's vocabulary does not matter; for serving it does (ids past the tokenizer decode to no
+    text, so streams would look empty), which is what vocab_size=4096, num_hidden_layers=16 (~51M parameters) is
+    for."""
     import torch
     from safetensors.torch import save_file
 
-    from engine.default_model import build_bpe_tokenizer, write_tokenizer_files
+    from tools.bpe import build_bpe_tokenizer, write_tokenizer_files
 
     out_dir.mkdir(parents=True, exist_ok=True)
     c = {**LLAMA_50M, "vocab_size": vocab_size, "num_hidden_layers": num_hidden_layers}
@@ -169,3 +177,37 @@ def run_offline(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     return 0
+
+
+def add_offline_args(p: argparse.ArgumentParser) -> None:
+    # The former benchmarks/offline_throughput.py's --num-requests and --json are still accepted, unlisted.
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="HF model directory (default: build a random ~56M-parameter Llama in a temp dir)")
+    p.add_argument("--num-prompts", type=positive_int, default=OFFLINE_NUM_PROMPTS,
+                   help=f"requests (default: {OFFLINE_NUM_PROMPTS})")
+    p.add_argument("--num-requests", type=positive_int, dest="num_prompts", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
+    p.add_argument("--input-len", type=positive_int, default=OFFLINE_LEN, metavar="L",
+                   help=f"prompt tokens (random ids) (default: {OFFLINE_LEN})")
+    p.add_argument("--output-len", type=positive_int, default=OFFLINE_LEN, metavar="L",
+                   help=f"output tokens (default: {OFFLINE_LEN})")
+    p.add_argument("--range-ratio", type=range_ratio, default=OFFLINE_RANGE_RATIO, metavar="R",
+                   help=f"lengths uniform in [floor(L*(1-r)), ceil(L*(1+r))], as in `bench serve` (default: "
+                        f"{OFFLINE_RANGE_RATIO}, so the default lengths are uniform in [32, 256])")
+    p.add_argument("--hf-batch-size", type=positive_int, nargs="+", default=[1, 16],
+                   help="transformers batch sizes to measure (1 = generate per prompt) (default: 1 16)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=256, help="(default: 256)")
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=None)
+    p.add_argument("--device", default="cpu", help="(default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    p.add_argument("--skip-hf", action="store_true",
+                   help="only measure attnserve (also implied when transformers is not installed)")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results here")
+    p.add_argument("--json", dest="out", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+COMMAND = BenchCommand(
+    "offline output tokens/s of the engine in-process, vs transformers' generate",
+    "Random prompts (token ids) and output lengths, greedy with ignore_eos; throughput = requested output tokens / "
+    "wall time. transformers is measured per --hf-batch-size (batch 1 = generate per prompt; larger batches are "
+    "left-padded and generate their longest output).", add_offline_args, run_offline)

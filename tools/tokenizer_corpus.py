@@ -1,4 +1,4 @@
-"""Text the built-in tokenizer is trained on (see engine.default_model.build_bpe_tokenizer)."""
+"""Text the small built-in tokenizer is trained on (see tools.bpe.build_bpe_tokenizer)."""
 
 # Training text for the tokenizer, original to this project. Paragraphs (split on blank lines) are the
 # training documents. The mix of prose, dialogue, numbers, code, and non-English scripts gives merges
