@@ -223,8 +223,7 @@ class LLMEngine:
         outs = []
         for seq, detok in zip(state.seqs, state.detokenizers):
             if not seq.is_finished:
-                self.scheduler.finish(seq)
-                seq.finish_reason = "abort"
+                self.scheduler.finish(seq, "abort")
                 outs.append(CompletionOutput(seq.index, detok.flush(), [], [] if seq.logprobs is not None else None, "abort"))
         state.times.finished = time.monotonic()
         self._record_finished(state, "abort")
@@ -247,18 +246,19 @@ class LLMEngine:
             times = self._requests[seq.request_id].times
             if times.first_scheduled is None:
                 times.first_scheduled = scheduled_at
-        sampled_seqs, sampler_out = self.runner.execute(sched.scheduled)
-        for seq, n in sched.scheduled:
-            self.scheduler.advance(seq, n)
+        sampler_out = self.runner.execute(sched.scheduled, sched.samples)
+        token_ids = [] if sampler_out is None else sampler_out.token_ids
+        sampled_seqs = self.scheduler.update_from_output(sched, token_ids,
+                                                         None if sampler_out is None else sampler_out.logprobs)
         sampled_at = time.monotonic()
+        self.counters.generation_tokens += len(sampled_seqs)
         if self.collect_stats:
             self._iteration.step_tokens.append(sched.num_batched_tokens)
 
         deltas: dict[str, list[CompletionOutput]] = {}
         for i, seq in enumerate(sampled_seqs):
             self._record_token(seq, sampled_at)
-            lp = sampler_out.logprobs[i]
-            completion = self._append(seq, sampler_out.token_ids[i], lp)
+            completion = self._detokenize(seq, token_ids[i], sampler_out.logprobs[i])
             deltas.setdefault(seq.request_id, []).append(completion)
 
         outputs = []
@@ -305,13 +305,10 @@ class LLMEngine:
         stats, self._iteration = self._iteration, IterationStats()
         return stats
 
-    def _append(self, seq: Sequence, token: int, logprob) -> CompletionOutput:
-        seq.append_token(token)
-        self.counters.generation_tokens += 1
-        if logprob is not None:
-            seq.logprobs.append(logprob)
+    def _detokenize(self, seq: Sequence, token: int, logprob) -> CompletionOutput:
+        """The text a sampled token adds; a stop string found in it ends the sequence in the scheduler."""
         detok = self._requests[seq.request_id].detokenizers[seq.index]
-        reason, stop_reason = self._token_stop(seq, token)
+        reason = seq.finish_reason
         if reason == "stop":
             # Ended by eos or a stop token: that token is not part of the text.
             text = detok.flush()
@@ -321,22 +318,9 @@ class LLMEngine:
                 text += detok.flush()
         # Text held back (e.g. an incomplete character) can complete a stop string only at the flush.
         if detok.matched_stop is not None:
-            reason, stop_reason = "stop", detok.matched_stop
-        if reason is not None:
-            seq.finish_reason, seq.stop_reason = reason, stop_reason
-            self.scheduler.finish(seq)
-        return CompletionOutput(seq.index, text, [token], [logprob] if logprob is not None else None, reason, stop_reason)
-
-    def _token_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
-        p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
-            if not p.ignore_eos and token in p.eos_token_ids:
-                return "stop", None
-            if p.stop_token_ids and token in p.stop_token_ids:
-                return "stop", token
-        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length", None
-        return None, None
+            self.scheduler.finish(seq, "stop", detok.matched_stop)
+        return CompletionOutput(seq.index, text, [token], [logprob] if logprob is not None else None,
+                                seq.finish_reason, seq.stop_reason)
 
     def _request_output(self, state: _RequestState, completions: list[CompletionOutput], finished: bool) -> RequestOutput:
         req = state.request

@@ -176,14 +176,15 @@ class ModelRunner:
         return budget
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], SamplerOutput | None]:
-        """Run one step. Returns the sequences that sampled a token and the sampler's output for them (in order)."""
+    def execute(self, scheduled: list[tuple[Sequence, int]], samples: list[bool]) -> SamplerOutput | None:
+        """Run one step. `samples[i]`: scheduled[i] samples a token (the scheduler decides). Returns the sampler's
+        output for the sampling sequences, in order (None when none samples)."""
         sampling: list[Sequence] = []
         rows: list[int] = []
         end = 0
-        for seq, n in scheduled:
+        for (seq, n), sample in zip(scheduled, samples):
             end += n
-            if seq.num_computed_tokens + n == seq.num_tokens:
+            if sample:
                 sampling.append(seq)
                 rows.append(end - 1)
         padded = self._padded_decode_size(scheduled, sampling)
@@ -193,8 +194,8 @@ class ModelRunner:
         else:
             logits = self._eager_forward(batch, bool(sampling))
         if not sampling:
-            return [], None
-        return sampling, self.sampler(logits, sampling)
+            return None
+        return self.sampler(logits, sampling)
 
     def _padded_decode_size(self, scheduled: list[tuple[Sequence, int]], sampling: list[Sequence]) -> int | None:
         """The padded size for a pure decode step (every sequence computes exactly its newest token), or

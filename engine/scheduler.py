@@ -19,15 +19,17 @@ from dataclasses import dataclass, field
 from engine.block_hash import ROOT, block_key, hash_block
 from engine.config import SchedulerConfig
 from engine.kv_cache import BlockPool, blocks_for
+from engine.outputs import TokenLogprob
 from engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass
 class SchedulerOutput:
-    # (sequence, tokens to compute this step), decodes first. A sequence samples a token this step
-    # exactly when its scheduled tokens reach the end of its known tokens.
+    # (sequence, tokens to compute this step), decodes first.
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # samples[i]: scheduled[i] samples a token this step, because its tokens reach the end of its known tokens.
+    samples: list[bool] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -98,11 +100,45 @@ class Scheduler:
         decodes = [(by_id[i], n) for i, n in planned.items() if n == 1]
         prefills = [(by_id[i], n) for i, n in planned.items() if n > 1]
         out.scheduled = decodes + prefills
+        out.samples = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in out.scheduled]
         return out
+
+    def update_from_output(self, out: SchedulerOutput, token_ids: list[int],
+                           logprobs: list[TokenLogprob | None] | None = None) -> list[Sequence]:
+        """Apply one step's result; the one place that writes a sequence's per-step state. The scheduled tokens'
+        K/V are now cached; each sampling sequence (in `out.scheduled` order) takes its token (and logprob), and
+        one that reached EOS, a stop token id, max_tokens or max_model_len is finished by its tokens. Returns the
+        sampling sequences."""
+        sampled = [seq for (seq, _), samples in zip(out.scheduled, out.samples) if samples]
+        assert len(sampled) == len(token_ids), (len(sampled), len(token_ids))
+        for seq, n in out.scheduled:
+            self.advance(seq, n)
+        for i, (seq, token) in enumerate(zip(sampled, token_ids)):
+            seq.append_token(token)
+            if logprobs is not None and logprobs[i] is not None:
+                seq.logprobs.append(logprobs[i])
+            reason, stop_reason = self._token_stop(seq, token)
+            if reason is not None:
+                self.finish(seq, reason, stop_reason)
+        return sampled
+
+    def _token_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in p.eos_token_ids:
+                return "stop", None
+            if p.stop_token_ids and token in p.stop_token_ids:
+                return "stop", token
+        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return "length", None
+        return None, None
 
     def advance(self, seq: Sequence, n: int) -> None:
         """n more tokens of seq have their K/V in the cache: register the blocks that are now full."""
         seq.num_computed_tokens += n
+        # NOTE: the invariants of a running sequence, checked where they are written.
+        assert 0 < seq.num_computed_tokens <= seq.num_tokens, seq
+        assert seq.num_computed_tokens <= len(seq.block_ids) * self.block_size, seq
         if not self.prefix_caching:
             return
         full = seq.num_computed_tokens // self.block_size
@@ -175,8 +211,10 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def finish(self, seq: Sequence) -> None:
-        """Remove a finished or aborted sequence, wherever it is, and return its blocks to the pool."""
+    def finish(self, seq: Sequence, reason: str = "abort", stop_reason: int | str | None = None) -> None:
+        """End a sequence for `reason` ("stop", "length" or "abort"), wherever it is, and return its blocks to the
+        pool. A finished sequence may be finished again: a stop string found in the text overrides "length"."""
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
         if seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
             self.pool.free(seq.block_ids[::-1])

@@ -1,4 +1,6 @@
-"""Scheduler decisions: token budget, decode-first, chunked prefill, preemption, FCFS."""
+"""Scheduler decisions: token budget, decode-first, chunked prefill, preemption, FCFS, and applying a step's result."""
+
+import pytest
 
 from engine.config import SchedulerConfig
 from engine.kv_cache import BlockPool
@@ -20,13 +22,10 @@ def make_scheduler(num_blocks=64, block_size=4, budget=32, max_seqs=8, chunked=T
 
 
 def run_step(sched: Scheduler, sample_token: int = 7):
-    """Apply a step's result the way the engine does: advance computed tokens, append a token where caught up."""
+    """Schedule, then apply the step's result through the scheduler's own update_from_output, as the engine does:
+    every sampling sequence gets `sample_token`."""
     out = sched.schedule()
-    for seq, n in out.scheduled:
-        caught_up = seq.num_computed_tokens + n == seq.num_tokens
-        seq.num_computed_tokens += n
-        if caught_up:
-            seq.append_token(sample_token)
+    sched.update_from_output(out, [sample_token] * sum(out.samples))
     return out
 
 
@@ -125,3 +124,33 @@ def test_finish_frees_blocks_wherever_the_sequence_is():
     s.finish(b)  # still waiting
     assert s.pool.num_free == 8 and not s.has_unfinished()
     assert a.status is SequenceStatus.FINISHED and b.status is SequenceStatus.FINISHED
+
+
+def test_update_from_output_finishes_by_tokens_and_frees_the_blocks():
+    """The scheduler alone decides token-based finishes: eos only after min_tokens, a stop token id (reported as
+    the stop reason), and max_tokens; a finished sequence leaves the batch with its blocks back in the pool."""
+    s = make_scheduler(num_blocks=16)
+    free = s.pool.num_free
+    eos = Sequence(next(_ids), "eos", 0, [1, 2, 3], SamplingParams(max_tokens=8, min_tokens=2, eos_token_ids=frozenset({9})), 8)
+    stop = Sequence(next(_ids), "stop", 0, [1, 2, 3], SamplingParams(max_tokens=8, stop_token_ids=[5]), 8)
+    length = Sequence(next(_ids), "length", 0, [1, 2, 3], SamplingParams(max_tokens=2), 2)
+    for seq in (eos, stop, length):
+        s.add(seq)
+    out = s.schedule()
+    assert s.update_from_output(out, [9, 4, 4]) == [eos, stop, length]
+    assert [seq.finish_reason for seq in (eos, stop, length)] == [None, None, None]  # eos before min_tokens
+    out = s.schedule()
+    s.update_from_output(out, [9, 5, 4])
+    assert [(seq.finish_reason, seq.stop_reason) for seq in (eos, stop, length)] == \
+        [("stop", None), ("stop", 5), ("length", None)]
+    assert all(seq.is_finished and not seq.block_ids for seq in (eos, stop, length))
+    assert not s.has_unfinished() and s.pool.num_free == free
+    assert eos.output_token_ids == [9, 9] and stop.output_token_ids == [4, 5]
+
+
+def test_update_from_output_refuses_a_token_count_that_does_not_match_the_step():
+    s = make_scheduler()
+    s.add(make_seq(5))
+    out = s.schedule()
+    with pytest.raises(AssertionError):
+        s.update_from_output(out, [])

@@ -108,11 +108,11 @@ def record_steps(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, i
     runner = llm.engine.runner
     real = runner.execute
 
-    def execute(scheduled):
+    def execute(scheduled, samples):
         with host_reads(monkeypatch) as calls:
-            sampled, out = real(scheduled)
-        steps.append((step_kind(scheduled), len(sampled), list(calls)))
-        return sampled, out
+            out = real(scheduled, samples)
+        steps.append((step_kind(scheduled), sum(samples), list(calls)))
+        return out
 
     monkeypatch.setattr(runner, "execute", execute)
     return steps
@@ -187,11 +187,11 @@ def test_cuda_decode_steps_do_not_sync(llama, monkeypatch, enforce_eager):
     real = runner.execute
     checked = []
 
-    def execute(scheduled):
+    def execute(scheduled, samples):
         if step_kind(scheduled) != "decode":
-            return real(scheduled)
+            return real(scheduled, samples)
         with sync_debug_errors():
-            result = real(scheduled)
+            result = real(scheduled, samples)
         checked.append(len(scheduled))
         return result
 
