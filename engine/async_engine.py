@@ -38,8 +38,8 @@ class RequestStream:
     """Delta outputs of one request, ending after the output marked finished. An error in the engine is
     raised from the iteration. If the consumer leaves before the end, the request is aborted.
 
-    It also keeps a running summary for request logs: tokens received, each sample's finish reason, and the
-    engine's timestamps once the request finished."""
+    It also keeps a running summary for request logs: tokens received, when the first of them arrived, each
+    sample's finish reason, and the engine's timestamps once the request finished."""
 
     def __init__(self, request_id: str, queue: asyncio.Queue, abort: Callable[[str], None]):
         self.request_id = request_id
@@ -49,6 +49,9 @@ class RequestStream:
         self.num_output_tokens = 0
         self.finish_reasons: dict[int, str] = {}  # sample index -> "stop" | "length" | "abort"
         self.metrics: RequestTimes | None = None
+        # time.monotonic() when the first token reached the caller: a request cut short (client gone, engine
+        # stopped) never gets `metrics`, which come with the finished output only.
+        self.first_token_at: float | None = None
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
 
     def __aiter__(self) -> RequestStream:
@@ -69,6 +72,8 @@ class RequestStream:
         self.num_cached_tokens = item.num_cached_tokens
         for completion in item.outputs:
             self.num_output_tokens += len(completion.token_ids)
+            if self.first_token_at is None and completion.token_ids:
+                self.first_token_at = time.monotonic()
             if completion.finish_reason is not None:
                 self.finish_reasons[completion.index] = completion.finish_reason
         if item.finished:

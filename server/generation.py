@@ -25,7 +25,7 @@ from engine.outputs import CompletionOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 from server.config import ServerConfig
 from server.errors import APIError, as_api_error, sse_error
-from server.logs import RequestLog, TimedStream
+from server.logs import RequestLog
 from server.metrics import Metrics
 from server.middleware import ServerState
 from server.protocol import SamplingFields
@@ -140,10 +140,10 @@ def admit(ctx: ServingContext, request_id: str, prepared: list[PreparedRequest])
         for stream in streams:
             ctx.engine.abort(stream.request_id)
         raise
-    return RequestLog(request_id, prepared, [TimedStream(s) for s in streams], log_prompts=ctx.config.log_prompts)
+    return RequestLog(request_id, prepared, streams, log_prompts=ctx.config.log_prompts)
 
 
-async def merge(streams: list[TimedStream]) -> AsyncIterator[tuple[int, Any]]:
+async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
     """(stream index, delta output) from several requests as they arrive. The streams stay the caller's to close
     (sse_response and json_response do, which aborts whatever is unfinished)."""
     if len(streams) == 1:
@@ -153,7 +153,7 @@ async def merge(streams: list[TimedStream]) -> AsyncIterator[tuple[int, Any]]:
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
-    async def pump(i: int, stream: TimedStream) -> None:
+    async def pump(i: int, stream: RequestStream) -> None:
         try:
             async for out in stream:
                 queue.put_nowait((i, out))

@@ -17,7 +17,6 @@ from typing import Any
 
 from engine.async_engine import AsyncEngine, RequestStream
 from engine.llm_engine import EngineStats, PreparedRequest
-from engine.outputs import RequestOutput
 
 REQUEST_LOGGER = logging.getLogger("attnserve.requests")
 STATS_LOGGER = logging.getLogger("attnserve.stats")
@@ -82,33 +81,12 @@ def configure_logging(level: str, fmt: str) -> None:
 # ---- per request ----------------------------------------------------------------------------------
 
 
-class TimedStream:
-    """A request's stream as the server reads it, noting when its first token reached the server.
-
-    The engine's timestamps (`stream.metrics`) come only with a request's finished output, which a request cut short
-    (the client hung up, the engine stopped) never delivers; its log line takes the TTFT from this note instead."""
-
-    def __init__(self, stream: RequestStream):
-        self.stream = stream
-        self.first_token_at: float | None = None  # time.monotonic(), the clock of PreparedRequest.arrival_time
-
-    def __aiter__(self) -> TimedStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        out = await self.stream.__anext__()
-        if self.first_token_at is None and any(c.token_ids for c in out.outputs):
-            self.first_token_at = time.monotonic()
-        return out
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-    def ttft_s(self, arrival_time: float) -> float | None:
-        # NOTE: the engine's stamp when there is one, so a finished request's line agrees with the TTFT histogram.
-        if self.stream.metrics is not None:
-            return self.stream.metrics.ttft_s
-        return None if self.first_token_at is None else self.first_token_at - arrival_time
+def _ttft_s(stream: RequestStream, arrival_time: float) -> float | None:
+    # NOTE: the engine's stamp when there is one, so a finished request's line agrees with the TTFT histogram; a
+    # request cut short has only the time its first token reached the server.
+    if stream.metrics is not None:
+        return stream.metrics.ttft_s
+    return None if stream.first_token_at is None else stream.first_token_at - arrival_time
 
 
 @dataclass
@@ -117,7 +95,7 @@ class RequestLog:
 
     request_id: str
     prepared: list[PreparedRequest]
-    streams: list[TimedStream]
+    streams: list[RequestStream]
     log_prompts: bool = False
 
     @property
@@ -126,26 +104,26 @@ class RequestLog:
 
     @property
     def cached_tokens(self) -> int:
-        return sum(s.stream.num_cached_tokens for s in self.streams)
+        return sum(s.num_cached_tokens for s in self.streams)
 
     def fields(self, status: int, tokenizer) -> dict[str, Any]:
-        finished = [s.stream.metrics for s in self.streams if s.stream.metrics is not None]
+        finished = [s.metrics for s in self.streams if s.metrics is not None]
         reasons: list[str] = []
-        for prep, timed in zip(self.prepared, self.streams):
+        for prep, stream in zip(self.prepared, self.streams):
             for index in range(prep.params.n):
                 # A sample with no finish reason was cut short (client gone, engine stopped): aborted.
-                reason = timed.stream.finish_reasons.get(index, "abort")
+                reason = stream.finish_reasons.get(index, "abort")
                 if reason not in reasons:
                     reasons.append(reason)
         arrival = min(p.arrival_time for p in self.prepared)
-        ttfts = [t for t in (s.ttft_s(p.arrival_time) for p, s in zip(self.prepared, self.streams)) if t is not None]
+        ttfts = [t for t in (_ttft_s(s, p.arrival_time) for p, s in zip(self.prepared, self.streams)) if t is not None]
         queues = [m.queue_s for m in finished if m.queue_s is not None]
         out: dict[str, Any] = {
             "request_id": self.request_id,
             "status": status,
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
-            "output_tokens": sum(s.stream.num_output_tokens for s in self.streams),
+            "output_tokens": sum(s.num_output_tokens for s in self.streams),
             # Several prompts in one request: the longest wait and the earliest first token.
             "queue_s": round(max(queues), 6) if queues else None,
             "ttft_s": round(min(ttfts), 6) if ttfts else None,

@@ -12,7 +12,7 @@ import pytest
 
 from engine.llm_engine import EngineStats
 from engine.stats import RequestTimes
-from server.logs import JsonFormatter, RequestLog, StatsReporter, TextFormatter, TimedStream
+from server.logs import JsonFormatter, RequestLog, StatsReporter, TextFormatter
 from server_process import InProcessServer, ServerProcess
 
 MODEL = "logs-model"
@@ -88,7 +88,7 @@ def test_line_aggregates_prompts_and_samples():
     b = SimpleNamespace(num_output_tokens=2, finish_reasons={1: "length"}, num_cached_tokens=16,
                         metrics=RequestTimes(arrival=20.0, first_scheduled=20.1, first_token=20.2))
     tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens: f"decoded {ids}")
-    fields = RequestLog("cmpl-x", prepared, [TimedStream(a), TimedStream(b)], log_prompts=True).fields(200, tokenizer)
+    fields = RequestLog("cmpl-x", prepared, [a, b], log_prompts=True).fields(200, tokenizer)
     assert fields["finish_reason"] == "length,stop,abort"
     assert (fields["prompt_tokens"], fields["output_tokens"], fields["cached_tokens"]) == (5, 9, 16)
     assert fields["queue_s"] == 0.5 and fields["ttft_s"] == pytest.approx(0.2)
