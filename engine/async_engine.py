@@ -26,7 +26,8 @@ from engine.config import EngineConfig
 from engine.engine_info import EngineInfo
 from engine.errors import EngineDeadError, ValidationError
 from engine.faults import FaultSpec, inject_fault
-from engine.llm_engine import EngineStats, LLMEngine, PreparedRequest
+from engine.core import EngineStats, PreparedRequest
+from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.stats import IterationStats, RequestTimes
@@ -136,7 +137,7 @@ class AsyncEngine:
         """Load the model and start the loop. `fault` (tests only) makes the model's forward fail or stall."""
         engine = LLMEngine(config)
         if fault is not None:
-            inject_fault(engine.runner.model, fault)
+            inject_fault(engine.core.runner.model, fault)
         return cls(engine, watchdog_timeout_s=watchdog_timeout_s)
 
     @property
@@ -164,7 +165,7 @@ class AsyncEngine:
         """Call `listener` on the engine thread with the measurements of each loop turn (see engine.stats). It must be
         quick and thread-safe (prometheus_client metrics are); an exception in it is logged, not raised."""
         self._stats_listeners.append(listener)
-        self.engine.collect_stats = True
+        self.engine.processor.collect_stats = True
 
     def num_waiting_requests(self) -> int:
         """Requests not yet running: the engine's waiting queue plus adds still in the command queue. Never below

@@ -15,17 +15,10 @@ import torch
 
 from engine.errors import ModelLoadError, UnsupportedArchitectureError, ValidationError
 
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "GPT2LMHeadModel",
-)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
-# transformers omits keys equal to its class defaults when it writes config.json, so the parser
-# needs those defaults per architecture.
+# The architectures this engine runs (GPT-2 by engine/models/gpt2.py, the rest by engine/models/llama.py), with the
+# defaults the parser needs: transformers omits keys equal to its class defaults when it writes config.json.
 _ARCH_DEFAULTS = {
     "LlamaForCausalLM": dict(rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, max_pos=2048),
     "MistralForCausalLM": dict(rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, max_pos=4096 * 32),
@@ -33,6 +26,7 @@ _ARCH_DEFAULTS = {
     "Qwen3ForCausalLM": dict(rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, max_pos=32768),
     "GPT2LMHeadModel": dict(rope_theta=None, rms_norm_eps=1e-5, tie_word_embeddings=True, max_pos=1024),
 }
+SUPPORTED_ARCHITECTURES = tuple(_ARCH_DEFAULTS)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

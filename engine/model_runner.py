@@ -43,7 +43,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
-        self.max_context_len = 0  # the longest context a sequence can reach with this pool
+        self.max_context_len = 0  # the longest context a sequence can reach
         self.inputs: StepInputs | None = None
         self.graphs: DecodeGraphs | None = None
         # Pure decode batches are padded up to one of these sizes (ascending; empty: never padded). They
@@ -64,10 +64,10 @@ class ModelRunner:
             return max(1, cache.kv_cache_memory // per_block)
         return max(1, self._profile_free_cuda_memory() // per_block)
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        """The KV cache for a pool of num_blocks, plus the padding block, the step buffers and (CUDA) the
-        decode graphs. Graphs hold the addresses of the cache and the buffers, so they are captured here,
-        whenever those are (re)allocated."""
+    def allocate_kv_cache(self, num_blocks: int, max_context_len: int) -> None:
+        """The KV cache for a pool of num_blocks, plus the padding block, the step buffers (sized for sequences of
+        up to max_context_len tokens: max_model_len, capped by the pool) and (CUDA) the decode graphs. Graphs hold
+        the addresses of the cache and the buffers, so they are captured here, whenever those are (re)allocated."""
         self.graphs = None
         self.decode_sizes = []
         # One block past the pool's: the padding block of padded decode batches (engine/step_inputs.py).
@@ -76,7 +76,7 @@ class ModelRunner:
         )
         self.num_blocks = num_blocks
         sched = self.config.scheduler
-        self.max_context_len = min(sched.max_model_len, num_blocks * self.block_size)
+        self.max_context_len = max_context_len
         self.inputs = StepInputs(
             max_tokens=sched.max_num_batched_tokens,
             max_seqs=sched.max_num_seqs,

@@ -89,15 +89,18 @@ class SamplingParams:
 
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids named by the request must exist in the model's vocabulary."""
-        for name, ids in (("logit_bias", self.logit_bias or {}), ("stop_token_ids", self.stop_token_ids or [])):
-            for tok in ids:
-                if tok >= vocab_size:
-                    raise ValidationError(
-                        f"{name} has token id {tok}, but the vocabulary has ids 0..{vocab_size - 1}", name
-                    )
+        check_token_ids("logit_bias", self.logit_bias or {}, vocab_size)
+        check_token_ids("stop_token_ids", self.stop_token_ids or [], vocab_size)
 
     def clone(self, **changes) -> SamplingParams:
         return dataclasses.replace(self, **changes)
+
+
+def check_token_ids(name: str, ids, vocab_size: int) -> None:
+    """Every id in `ids` must be a row of the model's embedding: 0 <= id < vocab_size."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValidationError(f"{name} has token id {bad}, but the vocabulary has ids 0..{vocab_size - 1}", name)
 
 
 def _check_int(name: str, value, low: int, high: int | None, hint: str = "") -> None:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from engine.block_hash import ROOT, block_key, hash_block
 from engine.config import SchedulerConfig
 from engine.kv_cache import BlockPool, blocks_for
-from engine.outputs import TokenLogprob
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -28,6 +27,7 @@ class SchedulerOutput:
     # (sequence, tokens to compute this step), decodes first.
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)  # moved from waiting to running this step
     # samples[i]: scheduled[i] samples a token this step, because its tokens reach the end of its known tokens.
     samples: list[bool] = field(default_factory=list)
 
@@ -89,10 +89,13 @@ class Scheduler:
             if needed + revived > self.pool.num_free:
                 break  # FCFS: later arrivals never jump ahead of the head of the queue
             self._admit_cached(seq, cached)
+            if seq.num_cached_tokens is None:  # first admission (not a return after preemption)
+                seq.num_cached_tokens = computed
             seq.block_ids.extend(self.pool.allocate(needed))
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            out.admitted.append(seq)
             planned[seq.seq_id] = n
             budget -= n
 
@@ -103,20 +106,16 @@ class Scheduler:
         out.samples = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in out.scheduled]
         return out
 
-    def update_from_output(self, out: SchedulerOutput, token_ids: list[int],
-                           logprobs: list[TokenLogprob | None] | None = None) -> list[Sequence]:
+    def update_from_output(self, out: SchedulerOutput, token_ids: list[int]) -> list[Sequence]:
         """Apply one step's result; the one place that writes a sequence's per-step state. The scheduled tokens'
-        K/V are now cached; each sampling sequence (in `out.scheduled` order) takes its token (and logprob), and
-        one that reached EOS, a stop token id, max_tokens or max_model_len is finished by its tokens. Returns the
-        sampling sequences."""
+        K/V are now cached; each sampling sequence (in `out.scheduled` order) takes its token, and one that reached
+        EOS, a stop token id, max_tokens or max_model_len is finished by its tokens. Returns the sampling sequences."""
         sampled = [seq for (seq, _), samples in zip(out.scheduled, out.samples) if samples]
         assert len(sampled) == len(token_ids), (len(sampled), len(token_ids))
         for seq, n in out.scheduled:
             self.advance(seq, n)
-        for i, (seq, token) in enumerate(zip(sampled, token_ids)):
+        for seq, token in zip(sampled, token_ids):
             seq.append_token(token)
-            if logprobs is not None and logprobs[i] is not None:
-                seq.logprobs.append(logprobs[i])
             reason, stop_reason = self._token_stop(seq, token)
             if reason is not None:
                 self.finish(seq, reason, stop_reason)
@@ -186,8 +185,6 @@ class Scheduler:
         seq.num_computed_tokens, seq.num_registered_blocks = hits, len(cached)
         self.prefix_cache_queries += seq.num_tokens
         self.prefix_cache_hits += hits
-        if seq.num_cached_tokens is None:
-            seq.num_cached_tokens = hits
 
     def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput, planned: dict[int, int]) -> bool:
         """Make room for n more tokens of seq, preempting the newest running sequences as needed.

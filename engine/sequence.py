@@ -7,11 +7,9 @@ its own KV blocks, so the scheduler only ever deals with Sequences.
 from __future__ import annotations
 
 import enum
-import time
 
 import torch
 
-from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 
 
@@ -30,7 +28,6 @@ class Sequence:
         prompt_token_ids: list[int],
         params: SamplingParams,
         max_tokens: int,
-        arrival_time: float | None = None,
         cache_salt: str | None = None,
     ):
         self.seq_id = seq_id
@@ -52,7 +49,6 @@ class Sequence:
         self.block_hashes: list[bytes] = []
         self.num_registered_blocks = 0
         self.num_cached_tokens: int | None = None  # prompt tokens found in the cache at first admission
-        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         # A seeded request draws its noise from its own generator, so its samples do not depend on
@@ -61,8 +57,6 @@ class Sequence:
         if params.seed is not None:
             self.generator = torch.Generator()
             self.generator.manual_seed((params.seed + index) % 2**64)
-        self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
-        self.last_token_time: float | None = None  # when its latest token was sampled (inter-token latency)
 
     @property
     def num_tokens(self) -> int:

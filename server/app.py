@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.async_engine import AsyncEngine
 from engine.errors import ValidationError
+from engine.sampling_params import check_token_ids
 from server import __version__
 from server.chat import create_chat_completion
 from server.completions import create_completion
@@ -134,10 +135,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     @app.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         ctx.check_model(body.model)
-        vocab = info.vocab_size
-        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValidationError(f"tokens has id {bad}, but the vocabulary has ids 0..{vocab - 1}", "tokens")
+        check_token_ids("tokens", body.tokens, info.vocab_size)
         text = await ctx.off_loop(ctx.tokenizer.decode, body.tokens, skip_special_tokens=False)
         return DetokenizeResponse(prompt=text)
 

@@ -20,7 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from engine.async_engine import AsyncEngine, RequestStream
 from engine.errors import EngineDeadError, ValidationError
-from engine.llm_engine import PreparedRequest
+from engine.core import PreparedRequest
 from engine.outputs import CompletionOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 from server.config import ServerConfig

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from engine.async_engine import AsyncEngine, RequestStream
-from engine.llm_engine import EngineStats, PreparedRequest
+from engine.core import EngineStats, PreparedRequest
 
 REQUEST_LOGGER = logging.getLogger("attnserve.requests")
 STATS_LOGGER = logging.getLogger("attnserve.stats")

@@ -112,8 +112,8 @@ class InProcessServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             stats = self.engine.stats()
-            if stats.num_running == 0 and stats.num_waiting == 0 and self.engine.engine.pool.num_free == \
-                    self.engine.engine.pool.num_blocks:
+            if stats.num_running == 0 and stats.num_waiting == 0 and self.engine.engine.core.pool.num_free == \
+                    self.engine.engine.core.pool.num_blocks:
                 return
             time.sleep(0.02)
         raise AssertionError(f"engine not idle after {timeout}s: {self.engine.stats()}")

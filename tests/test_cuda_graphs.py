@@ -92,13 +92,13 @@ def llama(make_ckpt):
 
 def test_cpu_never_captures(llama):
     llm = LLM(str(llama), max_model_len=64)
-    runner = llm.engine.runner
+    runner = llm.engine.core.runner
     assert runner.graphs is None and runner.decode_sizes == []
-    assert cuda_graphs_unavailable(llm.engine.config, runner.backend) == "the device is cpu, not CUDA"
+    assert cuda_graphs_unavailable(llm.engine.core.config, runner.backend) == "the device is cpu, not CUDA"
 
 
 def test_enforce_eager_and_sdpa_never_capture(llama):
-    config = LLM(str(llama), max_model_len=64).engine.config
+    config = LLM(str(llama), max_model_len=64).engine.core.config
     on_cuda = dataclasses.replace(config, device=CUDA)  # a config only: nothing runs on it
     sdpa = get_attention_backend("sdpa", torch.device("cpu"))
     assert cuda_graphs_unavailable(dataclasses.replace(on_cuda, enforce_eager=True), sdpa) == "enforce_eager is set"
@@ -164,7 +164,7 @@ def run_padded_and_plain(path, prompts, params, **engine_args):
     engine_args.setdefault("num_kv_blocks", 64)  # small caches, compared whole below
     plain = LLM(str(path), **engine_args)
     padded = LLM(str(path), **engine_args)
-    runner = padded.engine.runner
+    runner = padded.engine.core.runner
     runner.decode_sizes = capture_sizes(engine_args["max_num_seqs"])
     seen = []
     real = runner._padded_decode
@@ -179,11 +179,11 @@ def run_padded_and_plain(path, prompts, params, **engine_args):
 
 def assert_real_blocks_match(plain: LLM, padded: LLM):
     """Padding rows wrote only the padding block: every real block holds what the plain run wrote."""
-    n = plain.engine.runner.num_blocks
-    for (k_a, v_a), (k_b, v_b) in zip(plain.engine.runner.kv_caches, padded.engine.runner.kv_caches):
+    n = plain.engine.core.runner.num_blocks
+    for (k_a, v_a), (k_b, v_b) in zip(plain.engine.core.runner.kv_caches, padded.engine.core.runner.kv_caches):
         torch.testing.assert_close(k_b[:n], k_a[:n], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(v_b[:n], v_a[:n], atol=1e-5, rtol=1e-5)
-    assert plain.engine.runner.kv_caches[0][0][n].abs().sum() == 0  # never padded, never written
+    assert plain.engine.core.runner.kv_caches[0][0][n].abs().sum() == 0  # never padded, never written
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "mistral"])
@@ -270,7 +270,7 @@ def test_triton_padded_decode_uses_graph_metadata(make_ckpt, monkeypatch):
     plain_out, padded_out, plain, padded, seen = run_padded_and_plain(make_ckpt("llama"), prompts, staggered(4),
                                                                       **TRITON)
     assert any(rows > seqs for seqs, rows in seen), seen
-    kv_heads = plain.engine.config.model.num_kv_heads
+    kv_heads = plain.engine.core.config.model.num_kv_heads
     assert plans and all(m.max_decode_context == 128 for m in plans)
     assert max(m.num_splits(kv_heads) for m in plans) > 1
     assert_same(plain_out, padded_out)
@@ -324,7 +324,7 @@ def test_triton_capture_and_replay_with_stand_in_graphs(make_ckpt, monkeypatch, 
     monkeypatch.setattr(model_runner, "cuda_graphs_unavailable", lambda config, backend: None)
     with caplog.at_level(logging.INFO, logger="engine.model_runner"):
         graphed = LLM(str(path), num_kv_blocks=64, **TRITON)
-    runner = graphed.engine.runner
+    runner = graphed.engine.core.runner
     assert runner.decode_sizes == [1, 2, 4] and sorted(runner.graphs.graphs) == [1, 2, 4]
     assert captured == [4, 2, 1]  # largest first
     first_pool = runner.graphs.graphs[4].pool()
@@ -350,10 +350,10 @@ def test_graphs_match_eager(llama, caplog):
     prompts = random_prompts(19, seed=4)  # batches of 19 and less: padded to 32, 16, 8, ...
     params = staggered(19)
     eager = cuda_llm(llama, max_num_seqs=32, enforce_eager=True)
-    assert eager.engine.runner.graphs is None
+    assert eager.engine.core.runner.graphs is None
     with caplog.at_level(logging.INFO, logger="engine.model_runner"):
         graphed = cuda_llm(llama, max_num_seqs=32)
-    runner = graphed.engine.runner
+    runner = graphed.engine.core.runner
     assert runner.graphs is not None and sorted(runner.graphs.graphs) == capture_sizes(32)
     assert any("CUDA graphs: captured 6 decode batch sizes" in r.getMessage() and "GiB" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
@@ -370,16 +370,16 @@ def test_graphs_replay_correctly_after_the_cache_is_reused(llama):
     # A pool of 24 blocks of 16 tokens: later batches reuse (and overwrite) the blocks of earlier ones.
     common = dict(max_num_seqs=8, block_size=16, num_kv_blocks=24, enable_prefix_caching=False)
     graphed, eager = cuda_llm(llama, **common), cuda_llm(llama, enforce_eager=True, **common)
-    assert graphed.engine.runner.graphs is not None
+    assert graphed.engine.core.runner.graphs is not None
     for seed in (5, 6, 7):
         prompts = random_prompts(8, seed=seed, lo=10, hi=40)
         assert_same(generate(eager, prompts, staggered(8)), generate(graphed, prompts, staggered(8)), tol=1e-3)
-    assert graphed.engine.pool.num_free == 24
+    assert graphed.engine.core.pool.num_free == 24
 
 
 @needs_gpu
 def test_sdpa_on_cuda_does_not_capture_and_says_why(llama, caplog):
     with caplog.at_level(logging.INFO, logger="engine.model_runner"):
         llm = cuda_llm(llama, max_num_seqs=4, attention_backend="sdpa")
-    assert llm.engine.runner.graphs is None and llm.engine.runner.decode_sizes == []
+    assert llm.engine.core.runner.graphs is None and llm.engine.core.runner.decode_sizes == []
     assert any("CUDA graphs off" in r.getMessage() and "sdpa" in r.getMessage() for r in caplog.records)

@@ -35,7 +35,7 @@ def test_prompt_longer_than_max_model_len_is_rejected(llm):
     assert e.value.param == "prompt"
     with pytest.raises(ValidationError, match="120 in the prompt, 16 for the completion"):
         llm.generate([[5] * 120], greedy())
-    assert not llm.engine.has_unfinished_requests() and llm.engine.pool.num_free == 64
+    assert not llm.engine.has_unfinished_requests() and llm.engine.core.pool.num_free == 64
 
 
 @pytest.mark.parametrize("bad", [0, -1])
@@ -57,7 +57,7 @@ def test_sampling_params_errors_name_field_and_range(field, value, allowed):
 
 
 def test_token_ids_outside_vocab_are_rejected(llm):
-    vocab = llm.engine.vocab_size
+    vocab = llm.engine.info.vocab_size
     with pytest.raises(ValidationError, match=f"0..{vocab - 1}"):
         llm.generate([[vocab + 5]], greedy())
     with pytest.raises(ValidationError, match="logit_bias"):
@@ -69,7 +69,7 @@ def test_token_ids_outside_vocab_are_rejected(llm):
 def test_request_that_cannot_fit_the_pool_is_rejected(llama):
     # max_model_len fits, but the pool (4 blocks of 16) cannot hold 100 tokens.
     engine = LLMEngine.from_args(str(llama), num_kv_blocks=4, max_model_len=100)
-    assert engine.max_model_len == 64  # capped to the pool
+    assert engine.info.max_model_len == 64  # capped to the pool
     with pytest.raises(ValidationError, match="maximum context length is 64"):
         engine.add_request("a", [5] * 40, greedy(max_tokens=30))
 
@@ -233,7 +233,7 @@ def test_leaving_the_stream_aborts_and_frees_blocks(async_engine):
         return False
 
     assert asyncio.run(go())
-    assert async_engine.engine.pool.num_free == async_engine.engine.pool.num_blocks
+    assert async_engine.engine.core.pool.num_free == async_engine.engine.core.pool.num_blocks
 
 
 def test_engine_death_reaches_every_caller(llama, monkeypatch):
@@ -242,7 +242,7 @@ def test_engine_death_reaches_every_caller(llama, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("simulated device failure")
 
-    monkeypatch.setattr(engine.engine.runner, "execute", boom)
+    monkeypatch.setattr(engine.engine.core.runner, "execute", boom)
 
     async def go():
         stream = await engine.add_request("hello", greedy())

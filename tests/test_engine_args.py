@@ -41,9 +41,9 @@ def test_small_token_budget_lowers_the_default_max_num_seqs(llama):
 
 def test_pool_sized_from_memory_budget(llama):
     llm = LLM(str(llama), kv_cache_memory="1MiB", block_size=16)
-    per_block = bytes_per_block(llm.engine.config.model, 16, torch.float32)
-    assert llm.engine.pool.num_blocks == (1 << 20) // per_block
-    assert llm.engine.config.dtype == torch.float32  # the CPU default
+    per_block = bytes_per_block(llm.engine.core.config.model, 16, torch.float32)
+    assert llm.engine.core.pool.num_blocks == (1 << 20) // per_block
+    assert llm.engine.core.config.dtype == torch.float32  # the CPU default
 
 
 @pytest.mark.parametrize("text,expected", [("1GiB", 1 << 30), ("512MiB", 512 << 20), ("2G", 2 << 30), (4096, 4096),

@@ -79,7 +79,7 @@ def server(llama):
 
 @pytest.fixture(scope="module")
 def vocab_size(server) -> int:
-    return server.engine.engine.vocab_size
+    return server.engine.engine.info.vocab_size
 
 
 @pytest.fixture(scope="module")
@@ -861,7 +861,7 @@ def test_engines_idle_and_nothing_ran_after_hostile_inputs(server, evil_server, 
     evil template ran no command."""
     for srv in (server, evil_server):
         srv.wait_idle()
-        pool = srv.engine.engine.pool
+        pool = srv.engine.engine.core.pool
         assert pool.num_free == pool.num_blocks
         assert srv.engine.is_healthy
     assert not marker.exists(), "the chat template ran a shell command"

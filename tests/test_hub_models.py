@@ -89,7 +89,7 @@ def test_hub_id_loads_the_cached_snapshot_and_generates_like_the_local_dir(hub, 
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     prompts = ["The quick brown fox", "Once upon a time, in a small village,"]
     from_hub = LLM(REPO, max_model_len=64, num_kv_blocks=16)
-    assert from_hub.engine.config.model.path == hub.snapshots["main"]
+    assert from_hub.engine.core.config.model.path == hub.snapshots["main"]
     local = LLM(str(make_ckpt("llama")), max_model_len=64, num_kv_blocks=16)
     hub_tokens = [o.outputs[0].token_ids for o in from_hub.generate(prompts, params, use_tqdm=False)]
     local_tokens = [o.outputs[0].token_ids for o in local.generate(prompts, params, use_tqdm=False)]

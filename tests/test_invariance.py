@@ -72,9 +72,9 @@ def test_preemption_gives_identical_outputs(llama):
     # 24 blocks of 4 tokens hold under two full sequences at once: decoding must preempt.
     tight_llm = LLM(str(llama), max_model_len=64, block_size=4, num_kv_blocks=24)
     tight = run(tight_llm, prompts)
-    assert tight_llm.engine.scheduler.num_preemptions > 0
+    assert tight_llm.engine.core.scheduler.num_preemptions > 0
     assert_same(tight, roomy)
-    assert tight_llm.engine.pool.num_free == 24  # every block came back
+    assert tight_llm.engine.core.pool.num_free == 24  # every block came back
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral"])

@@ -46,12 +46,12 @@ def assert_same(a, b):
 
 def assert_pool_consistent(engine: LLMEngine) -> None:
     """Every block is exactly one of free, cached (count 0 with contents) or in use, and the counts add up."""
-    pool = engine.pool
+    pool = engine.core.pool
     in_use = sum(1 for b in range(pool.num_blocks) if pool.ref_count(b) > 0)
     plain_free = pool.num_free - pool.num_cached
     assert plain_free + pool.num_cached + in_use == pool.num_blocks
     held = {}
-    for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
+    for seq in list(engine.core.scheduler.running) + list(engine.core.scheduler.waiting):
         for b in seq.block_ids:
             held[b] = held.get(b, 0) + 1
     assert all(pool.ref_count(b) == n for b, n in held.items()), "a block's count differs from its holders"
@@ -76,7 +76,7 @@ def test_heavy_sharing_same_outputs_and_hits(llama):
     assert stats.prefix_cache_hits <= stats.prefix_cache_queries
     assert off.engine.stats().prefix_cache_hits == 0 == off.engine.stats().prefix_cache_queries
     assert_pool_consistent(on.engine)
-    assert on.engine.pool.num_free == on.engine.pool.num_blocks  # idle: nothing in use, the rest is cached
+    assert on.engine.core.pool.num_free == on.engine.core.pool.num_blocks  # idle: nothing in use, the rest is cached
 
 
 def test_cached_tokens_reported_per_request(llama):
@@ -114,7 +114,7 @@ def test_small_pool_eviction_and_preemption_same_outputs(llama):
     stats = tight.engine.stats()
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
     assert_pool_consistent(tight.engine)
-    assert tight.engine.pool.num_free == 24
+    assert tight.engine.core.pool.num_free == 24
 
 
 # ---- the pool -----------------------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def test_randomized_run_with_aborts_keeps_the_accounting(llama):
         engine.abort_request(rid)
     assert not engine.has_unfinished_requests()
     assert_pool_consistent(engine)
-    assert engine.pool.num_free == engine.pool.num_blocks
+    assert engine.core.pool.num_free == engine.core.pool.num_blocks
     stats = engine.stats()
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
 

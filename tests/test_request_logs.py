@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.llm_engine import EngineStats
+from engine.core import EngineStats
 from engine.stats import RequestTimes
 from server.logs import JsonFormatter, RequestLog, StatsReporter, TextFormatter
 from server_process import InProcessServer, ServerProcess

@@ -82,7 +82,7 @@ def http(server):
 
 @pytest.fixture(scope="module")
 def last_token_id(server) -> int:
-    return server.engine.engine.vocab_size - 1
+    return server.engine.engine.info.vocab_size - 1
 
 
 @pytest.fixture(scope="module")
@@ -643,7 +643,7 @@ def test_server_still_serves_and_engine_is_idle_after_bad_requests(server, http)
     assert chat.status_code == 200, chat.text
     assert chat.json()["choices"][0]["message"]["role"] == "assistant"
     server.wait_idle()
-    pool = server.engine.engine.pool
+    pool = server.engine.engine.core.pool
     assert pool.num_free == pool.num_blocks
     assert server.engine.is_healthy
 

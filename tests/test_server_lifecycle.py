@@ -265,7 +265,7 @@ def test_stream_disconnect_aborts_request_and_frees_kv(idle_server):
             assert [e["object"] for e in events] == ["text_completion"] * len(events)
             stats = server.engine.stats()
             assert stats.num_running == 1, stats
-            assert server.engine.engine.pool.num_free < server.engine.engine.pool.num_blocks
+            assert server.engine.engine.core.pool.num_free < server.engine.engine.core.pool.num_blocks
     finally:
         client.close()  # the response was not read to its end, so its connection is closed, not pooled
     assert_aborted_promptly(server, before, LONG_TOKENS)
@@ -281,7 +281,7 @@ def test_non_stream_disconnect_aborts_request_and_frees_kv(idle_server, path, bo
     sock = raw_request(server.url, path, body)
     try:
         wait_until(lambda: server.engine.stats().num_running == 1, 10, "the request to be running")
-        assert server.engine.engine.pool.num_free < server.engine.engine.pool.num_blocks
+        assert server.engine.engine.core.pool.num_free < server.engine.engine.core.pool.num_blocks
         assert nothing_received(sock), "the server answered before the request could have finished"
     finally:
         sock.close()

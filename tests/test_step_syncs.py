@@ -105,7 +105,7 @@ def step_kind(scheduled) -> str:
 def record_steps(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, list[str]]]:
     """Instrument every runner.execute: (kind, sequences that sampled, reads) per step."""
     steps = []
-    runner = llm.engine.runner
+    runner = llm.engine.core.runner
     real = runner.execute
 
     def execute(scheduled, samples):
@@ -129,7 +129,7 @@ def test_a_step_reads_back_only_its_results(llama, monkeypatch, padded):
     # and pure decode steps.
     llm = LLM(str(llama), max_model_len=128, max_num_seqs=6, max_num_batched_tokens=24, num_kv_blocks=64)
     if padded:
-        llm.engine.runner.decode_sizes = capture_sizes(6)
+        llm.engine.core.runner.decode_sizes = capture_sizes(6)
     steps = record_steps(llm, monkeypatch)
     llm.generate(random_prompts(8, seed=1, lo=30, hi=60), every_knob(8), use_tqdm=False)
     kinds = {(kind, sampled > 0) for kind, sampled, _ in steps}
@@ -182,7 +182,7 @@ def test_cuda_decode_steps_do_not_sync(llama, monkeypatch, enforce_eager):
     # Warm-up outside the check: Triton compiles its kernels and the
     # rotary tables move to the GPU on first use.
     llm.generate(random_prompts(8, seed=2), every_knob(8), use_tqdm=False)
-    runner = llm.engine.runner
+    runner = llm.engine.core.runner
     assert (runner.graphs is None) == enforce_eager
     real = runner.execute
     checked = []

@@ -117,10 +117,10 @@ class DecodeRun:
 
     def _measure(self, engine: LLMEngine, name: str, backend: str, batch: int) -> StepResult:
         p = self.plan
-        config = engine.config
+        config = engine.core.config
         result = StepResult(name, backend, getattr(config, "enforce_eager", None), batch,
                             p.context + p.warmup_steps + p.steps / 2)
-        result.weight_bytes = sum(t.numel() * t.element_size() for t in engine.runner.model.parameters())
+        result.weight_bytes = sum(t.numel() * t.element_size() for t in engine.core.runner.model.parameters())
         m = config.model
         per_token = m.num_layers * 2 * m.num_kv_heads * m.head_dim * config.dtype.itemsize
         result.kv_bytes = int(batch * result.context * per_token)
@@ -132,7 +132,7 @@ class DecodeRun:
         ids = [f"b{batch}-{i}" for i in range(batch)]
         try:
             for rid in ids:
-                engine.add_request(rid, [rng.randrange(10, engine.vocab_size) for _ in range(p.context)], params)
+                engine.add_request(rid, [rng.randrange(10, engine.info.vocab_size) for _ in range(p.context)], params)
             start = time.perf_counter()
             started: set[str] = set()
             while len(started) < batch:  # prefill, chunked; untimed beyond this total

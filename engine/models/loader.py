@@ -18,9 +18,10 @@ from torch import nn
 
 from engine.config import ModelConfig, read_json
 from engine.errors import ModelLoadError
-from engine.models import MODEL_REGISTRY
 from engine.models.common import WeightTarget
 from engine.models.dummy import init_dummy_weights, warn_random_weights
+from engine.models.gpt2 import GPT2LMHeadModel
+from engine.models.llama import LlamaForCausalLM
 from engine.models.safetensors_io import SafetensorsFile
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 def build_meta_model(cfg: ModelConfig) -> nn.Module:
     """The model with every parameter on the meta device: shapes only, no memory, no init."""
     with torch.device("meta"):
-        return MODEL_REGISTRY[cfg.architecture](cfg)
+        return (GPT2LMHeadModel if cfg.is_gpt2 else LlamaForCausalLM)(cfg)
 
 
 def load_model(

@@ -1,0 +1,158 @@
+"""The engine core: scheduler, KV block pool and model runner (model + sampler). Token ids in, token ids out.
+
+It knows nothing of text: a request arrives as token ids with its SamplingParams, and each step reports, per sample
+that advanced, the new token id (and logprob) and a finish reason decided from tokens alone (eos, stop token ids,
+max_tokens, max_model_len). Its interface is three plain-data messages, so that it could run in another process:
+add (a PreparedRequest), abort (a request id, optionally one sample of it) and the step's CoreStepOutput. The text
+side (tokenizing, detokenizing, stop strings, RequestOutputs) is engine/output_processor.py; LLMEngine joins them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+from engine.config import EngineConfig
+from engine.kv_cache import BlockPool
+from engine.model_runner import ModelRunner
+from engine.outputs import TokenLogprob
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request (engine/output_processor.py makes it): the core's add message."""
+
+    request_id: str
+    prompt: str | None  # the text, when the prompt came as text (the core reads only the ids)
+    prompt_token_ids: list[int]
+    params: SamplingParams  # eos_token_ids filled in
+    max_tokens: int  # resolved: never None
+    arrival_time: float
+    cache_salt: str | None = None
+
+
+@dataclass
+class CoreOutput:
+    """One sample's new token in one step."""
+
+    request_id: str
+    index: int  # which of the request's n samples
+    token_id: int
+    logprob: TokenLogprob | None  # when the request asked for logprobs
+    finish_reason: str | None  # "stop" (eos, stop token id) | "length"; None while it runs
+    stop_reason: int | None  # the stop token id that ended it
+
+
+@dataclass
+class CoreStepOutput:
+    outputs: list[CoreOutput] = field(default_factory=list)
+    # (request id, sample index, prompt tokens found in the prefix cache) of each sample that started running this
+    # step; after a preemption, the same sample again.
+    admitted: list[tuple[str, int, int]] = field(default_factory=list)
+    scheduled_at: float = 0.0  # time.monotonic() when the batch was formed
+    finished_at: float = 0.0  # ... and when its tokens were sampled
+    num_batched_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    num_running: int  # requests with a sequence in the running batch
+    num_waiting: int  # requests waiting for their first (or, after preemption, next) schedule
+    kv_cache_usage: float
+    num_kv_blocks: int
+    num_preemptions: int
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig):
+        self.runner = ModelRunner(config)
+        num_blocks = self.runner.determine_num_blocks()
+        self.config = _cap_max_model_len(config, num_blocks)
+        self.runner.allocate_kv_cache(num_blocks, self.config.scheduler.max_model_len)
+        self.pool = BlockPool(num_blocks)
+        self.scheduler = Scheduler(self.config.scheduler, config.cache.block_size, self.pool,
+                                   prefix_caching=config.cache.enable_prefix_caching)
+        self._seqs: dict[str, list[Sequence]] = {}  # request id -> its samples, until all of them finished
+        self._seq_ids = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    def add(self, req: PreparedRequest) -> None:
+        seqs = [Sequence(next(self._seq_ids), req.request_id, index, req.prompt_token_ids, req.params, req.max_tokens,
+                         req.cache_salt) for index in range(req.params.n)]
+        self._seqs[req.request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.prompt_tokens_total += len(req.prompt_token_ids)
+
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """End a request's samples (or only sample `index`) wherever they are and free their blocks. Unknown ids and
+        finished samples are ignored: an abort may cross the step that finished them."""
+        seqs = self._seqs.get(request_id, [])
+        for seq in seqs:
+            if (index is None or seq.index == index) and not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+        self._forget_if_done(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    def step(self) -> CoreStepOutput:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress with requests pending (pool or budget misconfigured)")
+            return CoreStepOutput()
+        scheduled_at = time.monotonic()
+        sampler_out = self.runner.execute(sched.scheduled, sched.samples)
+        token_ids = [] if sampler_out is None else sampler_out.token_ids
+        sampled = self.scheduler.update_from_output(sched, token_ids)
+        self.generation_tokens_total += len(sampled)
+        outputs = [CoreOutput(seq.request_id, seq.index, token, logprob, seq.finish_reason, seq.stop_reason)
+                   for seq, token, logprob in zip(sampled, token_ids, sampler_out.logprobs if sampled else [])]
+        for request_id in {seq.request_id for seq in sampled if seq.is_finished}:
+            self._forget_if_done(request_id)
+        admitted = [(seq.request_id, seq.index, seq.num_cached_tokens) for seq in sched.admitted]
+        return CoreStepOutput(outputs, admitted, scheduled_at, time.monotonic(), sched.num_batched_tokens)
+
+    def _forget_if_done(self, request_id: str) -> None:
+        if all(seq.is_finished for seq in self._seqs.get(request_id, [])):
+            self._seqs.pop(request_id, None)
+
+    def stats(self) -> EngineStats:
+        # Counted in requests, not sequences, like vLLM's gauges: an n=4 request is one request.
+        running = {seq.request_id for seq in self.scheduler.running}
+        waiting = {seq.request_id for seq in self.scheduler.waiting} - running
+        return EngineStats(
+            num_running=len(running),
+            num_waiting=len(waiting),
+            kv_cache_usage=self.pool.usage,
+            num_kv_blocks=self.pool.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            prefix_cache_queries=self.scheduler.prefix_cache_queries,
+            prefix_cache_hits=self.scheduler.prefix_cache_hits,
+        )
+
+
+def _cap_max_model_len(config: EngineConfig, num_blocks: int) -> EngineConfig:
+    """A sequence can grow no longer than the whole pool: the one place max_model_len is capped by it."""
+    capacity = num_blocks * config.cache.block_size
+    if config.scheduler.max_model_len <= capacity:
+        return config
+    logger.warning("max_model_len %d exceeds the KV pool's %d tokens; capping max_model_len to %d",
+                   config.scheduler.max_model_len, capacity, capacity)
+    return dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, max_model_len=capacity))
