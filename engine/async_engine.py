@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from engine.config import EngineConfig
 from engine.engine_info import EngineInfo
 from engine.errors import EngineDeadError, ValidationError
-from engine.faults import FaultSpec, inject_fault
 from engine.core import EngineStats, PreparedRequest
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -132,13 +131,9 @@ class AsyncEngine:
         return cls(LLMEngine.from_args(model, **kwargs))
 
     @classmethod
-    def from_config(cls, config: EngineConfig, *, watchdog_timeout_s: float | None = None,
-                    fault: FaultSpec | None = None) -> AsyncEngine:
-        """Load the model and start the loop. `fault` (tests only) makes the model's forward fail or stall."""
-        engine = LLMEngine(config)
-        if fault is not None:
-            inject_fault(engine.core.runner.model, fault)
-        return cls(engine, watchdog_timeout_s=watchdog_timeout_s)
+    def from_config(cls, config: EngineConfig, *, watchdog_timeout_s: float | None = None) -> AsyncEngine:
+        """Load the model and start the loop."""
+        return cls(LLMEngine(config), watchdog_timeout_s=watchdog_timeout_s)
 
     @property
     def info(self) -> EngineInfo:

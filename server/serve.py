@@ -25,7 +25,6 @@ from engine.async_engine import AsyncEngine
 from engine.engine_args import EngineArgs
 from engine.errors import AttnServeError
 from engine.engine_info import EngineInfo
-from engine.faults import FAULT_ENV, FaultSpec
 from server.app import build_app
 from server.config import DEFAULT_MODEL_NAME, ServerConfig
 from server.http_protocol import JsonErrorH11Protocol
@@ -102,17 +101,12 @@ def serve(args: argparse.Namespace) -> int:
         sock = bind_socket(args.host, args.port)
     except OSError as exc:
         return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
-    fault = os.environ.get(FAULT_ENV)
-    try:
-        spec = FaultSpec.parse(fault) if fault else None
-    except ValueError as exc:
-        return _fail(str(exc))
     try:
         engine_config = engine_args_from(args).create_config()
         watchdog = args.engine_watchdog_timeout
         if watchdog is None:
             watchdog = DEFAULT_CUDA_WATCHDOG_S if engine_config.device.type == "cuda" else 0.0
-        async_engine = AsyncEngine.from_config(engine_config, watchdog_timeout_s=watchdog or None, fault=spec)
+        async_engine = AsyncEngine.from_config(engine_config, watchdog_timeout_s=watchdog or None)
     except AttnServeError as exc:
         return _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - one clear line for an operator; the traceback at debug level
@@ -120,8 +114,6 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(f"could not load the model: {type(exc).__name__}: {exc}")
     names = tuple(args.served_model_name or [args.model if args.model is not None else DEFAULT_MODEL_NAME])
     _log_loaded(async_engine.info, args.model is None)
-    if spec is not None:
-        logger.warning("test fault injection on: %s", spec)
     config = ServerConfig(
         served_model_names=names, api_key=args.api_key, max_queued_requests=args.max_queued_requests,
         max_body_bytes=args.max_request_body_size, shutdown_timeout_s=args.shutdown_timeout,

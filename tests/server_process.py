@@ -21,9 +21,11 @@ class ServerProcess:
     """Starts the server with `--port 0` and reads the URL it logs. Use as a context manager, or call stop()."""
 
     def __init__(self, model: Path | str | None, *args: str, env: dict[str, str] | None = None,
-                 startup_timeout: float = 180.0):
+                 startup_timeout: float = 180.0, fault: str | None = None):
+        """`fault`: a tests/faulty_server.py spec (raise@N, stall@N:S) to inject into the model forward."""
         self.log_file = tempfile.NamedTemporaryFile("w+", prefix="attnserve-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", *args]
+        server = ["-m", "server"] if fault is None else [str(Path(__file__).with_name("faulty_server.py")), fault]
+        cmd = [sys.executable, *server, "--host", "127.0.0.1", "--port", "0", *args]
         if model is not None:
             cmd += ["--model", str(model)]
         self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=REPO,

@@ -8,7 +8,7 @@ What is specified, and tested here end to end over real sockets:
   error; nothing else fails, and every accepted request runs to its full max_tokens.
 - SIGTERM/SIGINT drain: /health and new requests answer 503 while in-flight requests get --shutdown-timeout seconds
   to finish; a stream that outlives it ends with an error event then `data: [DONE]`; the process exits 0.
-- Engine death (the ATTNSERVE_TEST_FAULT hook, engine/faults.py): in-flight requests end with a 503 (an error event then
+- Engine death (a fault injected by tests/faulty_server.py): in-flight requests end with a 503 (an error event then
   `data: [DONE]` for a stream); /health and new requests answer 503; the process stays up and answers.
 - SSE framing: every event is exactly `data: <payload>\\n\\n`, checked on the raw body bytes.
 
@@ -30,7 +30,6 @@ import httpx
 import pytest
 
 from clients.prometheus import parse_metrics
-from engine.faults import FAULT_ENV
 from server_process import InProcessServer, ServerProcess
 
 # Long enough that an unaborted request would run for tens of seconds (the tiny model makes ~500-1000 tokens/s on
@@ -388,9 +387,9 @@ def test_overload_gives_429_with_retry_after_and_accepted_requests_complete(ckpt
 
 # ---- graceful drain on SIGTERM / SIGINT ------------------------------------------------------------------------------
 
-def _long_stream_server(ckpt, shutdown_timeout: float, env: dict | None = None) -> ServerProcess:
+def _long_stream_server(ckpt, shutdown_timeout: float, fault: str | None = None) -> ServerProcess:
     return ServerProcess(ckpt, "--max-model-len", str(LONG_LEN), "--shutdown-timeout", str(shutdown_timeout),
-                         env=env, startup_timeout=90)
+                         fault=fault, startup_timeout=90)
 
 
 def _wait_for_health_503(client: httpx.Client, timeout: float = 5.0) -> httpx.Response:
@@ -528,7 +527,7 @@ def _assert_dead_but_serving(proc: ServerProcess) -> None:
 
 
 def test_engine_death_ends_stream_with_503_error_event(ckpt):
-    with _long_stream_server(ckpt, 5, env={FAULT_ENV: "raise@6"}) as proc:
+    with _long_stream_server(ckpt, 5, fault="raise@6") as proc:
         with proc.client(timeout=httpx.Timeout(10.0)) as client:
             assert client.get("/health").status_code == 200
         # The engine only runs the model while it has work, so the forwards are this request's: it is in flight when
@@ -543,7 +542,7 @@ def test_engine_death_ends_stream_with_503_error_event(ckpt):
 
 
 def test_engine_death_fails_in_flight_non_stream_request_with_503(ckpt):
-    with _long_stream_server(ckpt, 5, env={FAULT_ENV: "raise@6"}) as proc:
+    with _long_stream_server(ckpt, 5, fault="raise@6") as proc:
         with proc.client(timeout=httpx.Timeout(20.0)) as client:
             assert client.get("/health").status_code == 200
             start = time.monotonic()
@@ -565,7 +564,7 @@ def test_fault_in_model_forward_ends_every_in_flight_request_within_a_second(ckp
     streams, plain = 8, 4
     # The 600th forward fails: late enough that all 12 requests are running (they arrive within ~0.1 s), early enough
     # that none of them has finished its 3000 tokens.
-    with _long_stream_server(ckpt, 5, env={FAULT_ENV: "raise@600"}) as proc:
+    with _long_stream_server(ckpt, 5, fault="raise@600") as proc:
         readers = [StreamReader(proc.url, "/v1/completions" if i % 2 else "/v1/chat/completions",
                                 (completion_body if i % 2 else chat_body)(3000, stream=True), deadline_s=60)
                    for i in range(streams)]
@@ -610,7 +609,7 @@ def test_watchdog_reports_a_stalled_engine_loop_as_dead(ckpt):
     timeout = 1.5
     # The 3rd forward hangs for a minute, as on a hung device; the watchdog must not wait for it.
     with ServerProcess(ckpt, "--max-model-len", "512", "--engine-watchdog-timeout", str(timeout),
-                       env={FAULT_ENV: "stall@3:60"}, startup_timeout=90) as proc:
+                       fault="stall@3:60", startup_timeout=90) as proc:
         with proc.client(timeout=httpx.Timeout(10.0)) as client:
             assert client.get("/health").status_code == 200
         reader = StreamReader(proc.url, "/v1/completions", completion_body(200, stream=True), started_after=1,
