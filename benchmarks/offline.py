@@ -142,15 +142,15 @@ VLLM_SETTINGS = {"default": {}, "both cores": {"VLLM_CPU_OMP_THREADS_BIND": "0-1
 
 def run_vllm(model_dir: Path, prompts, out_lens, max_model_len: int, python: str, setting: str) -> dict:
     """vLLM's LLM.generate on the same requests, in its own venv (benchmarks/vllm_offline.py; `make bench-peer`)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as work:
-        json.dump({"prompts": prompts, "output_lens": out_lens}, work)
-        work.flush()
+    with tempfile.TemporaryDirectory() as tmp:
+        work, result = Path(tmp) / "workload.json", Path(tmp) / "result.json"
+        work.write_text(json.dumps({"prompts": prompts, "output_lens": out_lens}))
         cmd = [python, str(Path(__file__).with_name("vllm_offline.py")), "--model", str(model_dir),
-               "--workload", work.name, "--max-model-len", str(max_model_len)]
+               "--workload", str(work), "--max-model-len", str(max_model_len), "--out", str(result)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **VLLM_SETTINGS[setting]})
-    if proc.returncode != 0:
-        raise RuntimeError(f"vLLM ({setting}) failed with exit code {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return {"setting": setting, **json.loads(proc.stdout.strip().splitlines()[-1])}
+        if proc.returncode != 0:
+            raise RuntimeError(f"vLLM ({setting}) failed with exit code {proc.returncode}:\n{proc.stderr[-3000:]}")
+        return {"setting": setting, **json.loads(result.read_text())}
 
 
 def _transformers_available() -> bool:

@@ -1,10 +1,10 @@
 """vLLM's side of `attnserve bench offline --compare vllm`: runs inside the peer's own venv (`make bench-peer`).
 
-    .bench/vllm/bin/python benchmarks/vllm_offline.py --model DIR --workload W.json --max-model-len N
+    .bench/vllm/bin/python benchmarks/vllm_offline.py --model DIR --workload W.json --max-model-len N --out R.json
 
 W.json holds {"prompts": [[token ids], ...], "output_lens": [n, ...]}: the same requests attnserve ran. Generation is
 greedy with ignore_eos, so vLLM produces exactly the requested tokens; one warm-up of two requests first, as on our
-side. The last line printed is the result as JSON. It imports nothing of attnserve: only vLLM and the standard library.
+side. The result goes to R.json (vLLM prints its own lines on stdout). It imports nothing of attnserve: only vLLM and the standard library.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ def main() -> int:
     p.add_argument("--workload", required=True)
     p.add_argument("--max-model-len", type=int, required=True)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--out", required=True)
     args = p.parse_args()
     from vllm import LLM, SamplingParams
 
@@ -37,8 +38,9 @@ def main() -> int:
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     if generated != sum(work["output_lens"]):
         raise SystemExit(f"vLLM produced {generated} tokens, {sum(work['output_lens'])} were requested")
-    print(json.dumps({"seconds": elapsed, "output_tokens": generated, "tokens_per_s": generated / elapsed,
-                      "ready_s": ready_s}))
+    with open(args.out, "w") as f:
+        json.dump({"seconds": elapsed, "output_tokens": generated, "tokens_per_s": generated / elapsed,
+                   "ready_s": ready_s, "vllm": __import__("vllm").__version__}, f)
     return 0
 
 

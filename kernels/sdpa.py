@@ -40,7 +40,7 @@ class _Group:
     max_ctx: int  # padded key length
     rows: torch.Tensor  # [tokens_in_group] rows of the flat token array, in group order
     pad_index: torch.Tensor  # [tokens_in_group] row of each token in the padded [num_seqs * max_q] layout
-    kv_slots: torch.Tensor  # [num_seqs * max_ctx] cache slot of each (sequence, key position)
+    kv_blocks: torch.Tensor  # [num_seqs * blocks] the cache blocks holding keys 0 .. max_ctx - 1 of each sequence
     query_pos: torch.Tensor  # [num_seqs, max_q] absolute position of each query (0 for padding rows)
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
@@ -66,7 +66,7 @@ class SdpaMetadata:
 
 
 def _build_group(layout: BatchLayout, seq_idx: list[int], query_start: list[int], device: torch.device) -> _Group:
-    # Index arithmetic runs on the host from Python lists (no device sync); only the slot lookup in the
+    # Index arithmetic runs on the host from Python lists (no device sync); only the block lookup in the
     # block tables runs where the tables live.
     q_lens = torch.tensor([layout.query_lens[i] for i in seq_idx], dtype=torch.long)
     ctx_lens = torch.tensor([layout.context_lens[i] for i in seq_idx], dtype=torch.long)
@@ -82,10 +82,11 @@ def _build_group(layout: BatchLayout, seq_idx: list[int], query_start: list[int]
     query_pos = torch.zeros(num_seqs, max_q, dtype=torch.long)
     query_pos.view(-1)[pad_index] = (ctx_lens - q_lens)[seq_of_token] + offset
 
-    bs = layout.block_size
-    key_pos = torch.arange(max_ctx, device=layout.block_tables.device)
+    # Whole blocks are gathered (one contiguous copy of block_size * heads * dim values each, rather than one per
+    # key); forward() cuts each sequence's keys back to max_ctx.
+    num_blocks = -(-max_ctx // layout.block_size)
     tables = layout.block_tables.index_select(0, to_device(seq_idx, torch.long, layout.block_tables.device))
-    kv_slots = (tables[:, key_pos // bs] * bs + key_pos % bs).reshape(-1)
+    kv_blocks = tables[:, :num_blocks].reshape(-1)
 
     return _Group(
         num_seqs=num_seqs,
@@ -93,7 +94,7 @@ def _build_group(layout: BatchLayout, seq_idx: list[int], query_start: list[int]
         max_ctx=max_ctx,
         rows=upload(rows, device),
         pad_index=upload(pad_index, device),
-        kv_slots=kv_slots.to(device),
+        kv_blocks=kv_blocks.to(device),
         query_pos=upload(query_pos, device),
     )
 
@@ -157,8 +158,6 @@ class SdpaBackend(AttentionBackend):
         write_kv(k_cache, v_cache, k, v, metadata.slot_mapping)
         num_heads, head_dim = q.shape[1:]
         kv_heads = k_cache.shape[-2]
-        k_slots = k_cache.view(-1, kv_heads, head_dim)
-        v_slots = v_cache.view(-1, kv_heads, head_dim)
         # Per model, not per group: let SDPA broadcast KV heads where the torch build can, else repeat them.
         repeat = 1 if kv_heads == num_heads or _sdpa_has_enable_gqa() else num_heads // kv_heads
         extra = {"enable_gqa": True} if kv_heads != num_heads and repeat == 1 else {}
@@ -170,9 +169,9 @@ class SdpaBackend(AttentionBackend):
                 padded.index_copy_(0, g.pad_index, q_rows)
                 q_rows = padded
             qg = q_rows.view(g.num_seqs, g.max_q, num_heads, head_dim).transpose(1, 2)
-            kv_shape = (g.num_seqs, g.max_ctx, kv_heads, head_dim)
-            kg = k_slots.index_select(0, g.kv_slots).view(kv_shape).transpose(1, 2)
-            vg = v_slots.index_select(0, g.kv_slots).view(kv_shape).transpose(1, 2)
+            kv_shape = (g.num_seqs, -1, kv_heads, head_dim)  # [seqs, blocks * block_size, heads, dim]
+            kg = k_cache.index_select(0, g.kv_blocks).view(kv_shape)[:, :g.max_ctx].transpose(1, 2)
+            vg = v_cache.index_select(0, g.kv_blocks).view(kv_shape)[:, :g.max_ctx].transpose(1, 2)
             if repeat > 1:
                 kg, vg = kg.repeat_interleave(repeat, dim=1), vg.repeat_interleave(repeat, dim=1)
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask(sliding_window), scale=scale, **extra)

@@ -14,7 +14,6 @@ import pytest
 
 from attnserve.cli import main
 from clients.bench.scrape import GENERATION_TOKENS, PROMPT_TOKENS, parse_exposition, total
-from engine.faults import FAULT_ENV
 from server_process import InProcessServer, ServerProcess
 
 MODEL = "bench-model"
@@ -247,7 +246,7 @@ def test_error_event_inside_a_200_stream_is_a_failure(make_ckpt, tmp_path):
     # The engine loop dies in its 4th model forward: streams already running end with an error event (status 200 already
     # sent), and requests arriving later are refused with 503.
     with ServerProcess(make_ckpt("llama"), "--max-model-len", str(MAX_MODEL_LEN), "--disable-log-stats",
-                       env={FAULT_ENV: "raise@4"}) as proc:
+                       fault="raise@4") as proc:
         data = _bench(proc.url, tmp_path, "--num-prompts", "6", "--input-len", "12", "--output-len", "32",
                       "--request-rate", "inf", expect=1)
         # Once the engine is dead, the server refuses new requests before any stream starts.

@@ -27,7 +27,6 @@ from clients import (
 from clients.base import RetryPolicy, parse_retry_after
 from clients.sse import SSEDecoder, iter_sse
 from clients.types import ChatCompletion, ChatCompletionChunk, Completion
-from engine.faults import FAULT_ENV
 from server_process import InProcessServer, ServerProcess
 
 MODEL = "sdk-model"
@@ -325,7 +324,7 @@ def test_async_early_close_aborts_on_the_server(server):
 
 def test_error_event_in_stream_raises_stream_error(make_ckpt):
     with ServerProcess(make_ckpt("llama"), "--max-model-len", "128", "--num-kv-blocks", "32",
-                       env={FAULT_ENV: "raise@4"}) as proc:
+                       fault="raise@4") as proc:
         with Client(proc.url, retry=FAST_RETRY) as c:
             stream = c.completions.create(prompt="x", max_tokens=50, ignore_eos=True, stream=True)
             with pytest.raises(StreamError) as exc:
