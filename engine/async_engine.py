@@ -223,10 +223,10 @@ class AsyncEngine:
                 outputs = self._drain_commands(block=not self.engine.has_unfinished_requests())
                 if self.engine.has_unfinished_requests():
                     outputs += self.engine.step()
-                # NOTE: refresh the snapshot before delivering, so a caller that saw its request finish
-                # never reads stats that still count it.
-                self._stats = self.engine.stats()
+                # NOTE: report the measurements first, then refresh the snapshot, then deliver: a caller that saw
+                # its request finish, or saw the engine idle, never reads stats or metrics that still lack it.
                 self._report_stats()
+                self._stats = self.engine.stats()
                 for out in outputs:
                     self._deliver(out)
         except BaseException as exc:  # noqa: BLE001 - any loop failure must reach every waiting caller
