@@ -210,7 +210,8 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str = "abort", stop_reason: int | str | None = None) -> None:
         """End a sequence for `reason` ("stop", "length" or "abort"), wherever it is, and return its blocks to the
-        pool. A finished sequence may be finished again: a stop string found in the text overrides "length"."""
+        pool. Finishing a finished sequence only changes its recorded reason (stop strings are the output
+        processor's: it aborts the sample through EngineCore.abort, which skips finished ones)."""
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         if seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
