@@ -103,8 +103,11 @@ def make_workload(n: int, input_len: tuple[int, int], output_len: tuple[int, int
 def run_attnserve(model_dir: Path, prompts, out_lens, max_model_len: int, args: argparse.Namespace) -> dict:
     from engine import LLM, SamplingParams
 
-    llm = LLM(str(model_dir), max_model_len=max_model_len, device=args.device,
+    start = time.perf_counter()
+    llm = LLM(str(model_dir), max_model_len=max_model_len, device=args.device, enforce_eager=args.enforce_eager,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    ready = time.perf_counter() - start
+    compiled = llm.engine.core.runner.compiled is not None
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
     start = time.perf_counter()
@@ -112,7 +115,8 @@ def run_attnserve(model_dir: Path, prompts, out_lens, max_model_len: int, args: 
     elapsed = time.perf_counter() - start
     generated = sum(len(r.outputs[0].token_ids) for r in results)
     assert generated == sum(out_lens), "attnserve produced a different number of tokens than requested"
-    return {"seconds": elapsed, "output_tokens": generated, "tokens_per_s": generated / elapsed}
+    return {"seconds": elapsed, "output_tokens": generated, "tokens_per_s": generated / elapsed, "ready_s": ready,
+            "compiled": compiled}
 
 
 def run_transformers(model_dir: Path, prompts, out_lens, batch_size: int, device: str) -> dict:
@@ -200,7 +204,8 @@ def run_offline(args: argparse.Namespace) -> int:
         "vllm_ratios": {r["setting"]: ours["tokens_per_s"] / r["tokens_per_s"] for r in peers},
     }
     print(f"attnserve:                {ours['output_tokens']} tokens in {ours['seconds']:6.1f} s = "
-          f"{ours['tokens_per_s']:7.1f} tok/s")
+          f"{ours['tokens_per_s']:7.1f} tok/s   ({'compiled' if ours['compiled'] else 'eager'}, ready after "
+          f"{ours['ready_s']:.0f} s)")
     for r in hf:
         print(f"transformers (batch {r['batch_size']:3d}): {r['output_tokens']} tokens in {r['seconds']:6.1f} s = "
               f"{r['tokens_per_s']:7.1f} tok/s   ratio attnserve/transformers {report['ratios'][r['batch_size']]:.2f}x")
@@ -239,6 +244,8 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=positive_int, default=256, help="(default: 256)")
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=None)
     p.add_argument("--device", default="cpu", help="(default: cpu)")
+    p.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="run attnserve's model eagerly (default: compiled on CPU, unless ATTNSERVE_ENFORCE_EAGER=1)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--skip-hf", action="store_true",
                    help="only measure attnserve (also implied when transformers is not installed)")

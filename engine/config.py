@@ -274,5 +274,5 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str | None = None  # None: the default for the device
     load_format: str = "auto"  # "auto"/"safetensors": the checkpoint's weights; "dummy": random, from config.json
-    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
+    enforce_eager: bool = False  # no torch.compile (CPU), no CUDA graphs for decode steps (CUDA)
     chat_template: str | None = None  # Jinja source that replaces the model's chat template (--chat-template)

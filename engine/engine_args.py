@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -64,7 +65,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     attention_backend: str | None = None
     load_format: str = "auto"
-    enforce_eager: bool = False
+    enforce_eager: bool | None = None  # None: the ATTNSERVE_ENFORCE_EAGER environment variable, else False
 
     @classmethod
     def from_kwargs(cls, model: str | Path | None = None, **kwargs) -> EngineArgs:
@@ -136,9 +137,20 @@ class EngineArgs:
             seed=self.seed,
             attention_backend=self.attention_backend,
             load_format=self.load_format,
-            enforce_eager=self.enforce_eager,
+            enforce_eager=self.enforce_eager if self.enforce_eager is not None else _env_enforce_eager(),
             chat_template=chat_template,
         )
+
+
+def _env_enforce_eager() -> bool:
+    """ATTNSERVE_ENFORCE_EAGER=1 makes eager the default for every engine of the process and its children, for
+    example a test suite that starts hundreds of short-lived engines, each of which would otherwise compile."""
+    value = os.environ.get("ATTNSERVE_ENFORCE_EAGER", "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise ValidationError(f"ATTNSERVE_ENFORCE_EAGER must be 1/true/yes or 0/false/no, got {value!r}", "enforce_eager")
 
 
 def _positive(name: str, value) -> None:

@@ -17,6 +17,7 @@ import logging
 
 import torch
 
+from engine.compilation import CompiledModel, compile_model
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs, capture_sizes, cuda_graphs_unavailable, padded_size
 from engine.kv_cache import allocate_kv_tensors, blocks_for, bytes_per_block
@@ -46,6 +47,7 @@ class ModelRunner:
         self.max_context_len = 0  # the longest context a sequence can reach
         self.inputs: StepInputs | None = None
         self.graphs: DecodeGraphs | None = None
+        self.compiled: CompiledModel | None = None
         # Pure decode batches are padded up to one of these sizes (ascending; empty: never padded). They
         # are the captured sizes when graphs are in use; tests set them to run the padded path eagerly.
         self.decode_sizes: list[int] = []
@@ -86,6 +88,10 @@ class ModelRunner:
             device=self.device,
         )
         self._capture_decode_graphs()
+        if self.compiled is None and self.device.type == "cpu" and not self.config.enforce_eager:
+            # NOTE: CPU only for now: on CUDA, decode steps replay CUDA graphs of the eager model, and the compiled
+            # path has not been measured there yet.
+            self.compiled = compile_model(self.model, sched.max_num_batched_tokens, sched.max_num_seqs)
 
     @torch.inference_mode()
     def _capture_decode_graphs(self) -> None:
@@ -215,13 +221,15 @@ class ModelRunner:
         return self._decode_logits(batch.num_rows, metadata)
 
     def _eager_forward(self, batch: StepBatch, need_logits: bool) -> torch.Tensor | None:
+        """A step without a CUDA graph: by the compiled model where there is one, else eagerly."""
         ctx = ForwardContext(self.backend, self.backend.plan(self._layout(batch)), self.kv_caches)
-        hidden = self.model(batch.input_ids, batch.positions, ctx)
+        model = self.compiled or self.model
+        hidden = model(batch.input_ids, batch.positions, ctx)
         if not need_logits:
             return None
         if batch.logits_rows is not None:
             hidden = hidden.index_select(0, batch.logits_rows)
-        return self.model.compute_logits(hidden)
+        return model.compute_logits(hidden)
 
     def _layout(self, batch: StepBatch) -> BatchLayout:
         return BatchLayout(batch.query_lens, batch.context_lens, batch.block_tables, batch.slot_mapping,

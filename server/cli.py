@@ -132,8 +132,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     model.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
                        help="auto/safetensors: the checkpoint's weights; dummy: random weights built from "
                             "config.json alone, for benchmarking published shapes (default: auto)")
-    model.add_argument("--enforce-eager", action="store_true",
-                       help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+    model.add_argument("--enforce-eager", action="store_true", default=None,
+                       help="run the model eagerly: on CPU no torch.compile at start-up, on CUDA no CUDA graphs for "
+                            "decode steps (default: compile and capture, unless ATTNSERVE_ENFORCE_EAGER=1)")
     model.add_argument("--engine-watchdog-timeout", type=non_negative_float, default=None, metavar="S",
                        help="report the engine dead (/health 503, requests end with an error) when one engine step "
                             "takes longer than this, as on a hung device; 0 turns the watchdog off (default: 120 on "

@@ -273,3 +273,6 @@ def test_offline_runs_in_process(make_ckpt, tmp_path, capsys, monkeypatch):
     report = json.loads(out.read_text())
     assert report["workload"] == {"requests": 4, "input_len": [3, 9], "output_len": [1, 5]}
     assert report["transformers"] == [] and report["attnserve"]["output_tokens"] >= 4
+    # Eager: tests/conftest.py sets ATTNSERVE_ENFORCE_EAGER=1, and the printed line says which path ran.
+    assert report["attnserve"]["compiled"] is False and report["attnserve"]["ready_s"] > 0
+    assert "(eager, ready after" in printed

@@ -99,7 +99,8 @@ def test_cpu_never_captures(llama):
 
 def test_enforce_eager_and_sdpa_never_capture(llama):
     config = LLM(str(llama), max_model_len=64).engine.core.config
-    on_cuda = dataclasses.replace(config, device=CUDA)  # a config only: nothing runs on it
+    # A config only: nothing runs on it. (The suite's engines are eager by default, tests/conftest.py.)
+    on_cuda = dataclasses.replace(config, device=CUDA, enforce_eager=False)
     sdpa = get_attention_backend("sdpa", torch.device("cpu"))
     assert cuda_graphs_unavailable(dataclasses.replace(on_cuda, enforce_eager=True), sdpa) == "enforce_eager is set"
     assert "sdpa attention backend" in cuda_graphs_unavailable(on_cuda, sdpa)

@@ -21,6 +21,12 @@ class ForwardContext:
     metadata: Any
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache)
 
+    def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  sliding_window: int | None) -> torch.Tensor:
+        """The one call a model makes per attention layer (engine/compilation.py routes it around a compiled graph)."""
+        k_cache, v_cache = self.kv_caches[layer_idx]
+        return self.backend.forward(q, k, v, k_cache, v_cache, self.metadata, scale, sliding_window)
+
 
 @dataclass(frozen=True)
 class WeightTarget:

@@ -39,8 +39,7 @@ class GPT2Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         q, k, v = self.c_attn(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
-        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        out = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.metadata, self.scale, None)
+        out = ctx.attention(self.layer_idx, q, k, v, self.scale, None)
         return self.c_proj(out.reshape(x.shape[0], -1))
 
 

@@ -39,8 +39,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        out = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.metadata, self.scale, self.sliding_window)
+        out = ctx.attention(self.layer_idx, q, k, v, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
