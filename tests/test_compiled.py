@@ -1,7 +1,7 @@
 """The compiled decoder (engine/compilation.py): padded sizes, results equal to the eager model's, no compiling after
 start-up, the fall-back to eager, the switch, and a server that compiles.
 
-The parity and invariance suites also run whole on the compiled path: `make test` runs them a second time with
+The parity suite also runs whole on the compiled path: `make test` runs it a second time with
 ATTNSERVE_ENFORCE_EAGER=0 (the Makefile's COMPILED_TESTS), which covers the other architectures.
 """
 
