@@ -17,7 +17,6 @@ real rows only) and are cut off. All sizes run once at start-up, so the first re
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import logging
 import time
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.cuda_graphs import padded_size
 from engine.models.common import ForwardContext
 
 logger = logging.getLogger(__name__)
@@ -48,10 +48,11 @@ def bucket_sizes(max_size: int) -> list[int]:
 
 
 def padded_to_bucket(n: int, buckets: list[int]) -> int:
-    i = bisect.bisect_left(buckets, n)
-    if i == len(buckets):
+    """The compiled size a step of n rows runs at; the buckets always reach the step budget, so None is a bug."""
+    size = padded_size(n, buckets)
+    if size is None:
         raise ValueError(f"{n} rows exceed the largest compiled size {buckets[-1]}")
-    return buckets[i]
+    return size
 
 
 # key -> (the step's ForwardContext, its number of real token rows), while a compiled forward runs.
