@@ -55,6 +55,21 @@ def padded_to_bucket(n: int, buckets: list[int]) -> int:
     return size
 
 
+def room_for_graphs():
+    """A context in which dynamo may add a graph past its per-function recompile_limit (8). Start-up compiles
+    under it: each engine of a process adds graphs to the same functions (the model class's forward, the decode
+    kernel), and past the limit dynamo would run the new engine's uncompiled. Serving steps never compile (every
+    size is warmed up), so the limit still stops any recompile at run time."""
+    import torch._dynamo.config
+
+    config = torch._dynamo.config
+    if not hasattr(config, "recompile_limit"):  # named cache_size_limit before torch 2.7
+        return config.patch(cache_size_limit=max(config.cache_size_limit, _GRAPHS_PER_FUNCTION))
+    return config.patch(recompile_limit=max(config.recompile_limit, _GRAPHS_PER_FUNCTION))
+
+
+_GRAPHS_PER_FUNCTION = 256  # dynamo's own bound on all of a function's graphs (accumulated_recompile_limit)
+
 # key -> (the step's ForwardContext, its number of real token rows), while a compiled forward runs.
 _ACTIVE: dict[int, tuple[ForwardContext, int] | None] = {}
 _KEYS = itertools.count()
@@ -113,7 +128,7 @@ class CompiledModel:
         # Weights as constants, so that inductor packs the linear layers once. It takes effect only as a global
         # setting while the graph compiles (torch.compile's `options` do not reach freezing), that is, on the first
         # call here.
-        with torch._inductor.config.patch(freezing=True):
+        with torch._inductor.config.patch(freezing=True), room_for_graphs():
             for size in reversed(self.token_buckets):  # the largest first: the allocator grows once
                 # Distinct tensors: dynamo would specialize the graph on ids and positions being one tensor.
                 ids = torch.zeros(size, dtype=torch.long, device=self.device)

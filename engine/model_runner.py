@@ -14,10 +14,11 @@ forward kernel by kernel.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
-from engine.compilation import CompiledModel, compile_model
+from engine.compilation import CompiledModel, compile_model, room_for_graphs
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs, capture_sizes, cuda_graphs_unavailable, padded_size
 from engine.kv_cache import allocate_kv_tensors, blocks_for, bytes_per_block
@@ -92,6 +93,23 @@ class ModelRunner:
             # NOTE: CPU only for now: on CUDA, decode steps replay CUDA graphs of the eager model, and the compiled
             # path has not been measured there yet.
             self.compiled = compile_model(self.model, sched.max_num_batched_tokens, sched.max_num_seqs)
+            if self.compiled is not None and self.backend.compile_decode():
+                self._warm_up_decode_kernel()
+
+    @torch.inference_mode()
+    def _warm_up_decode_kernel(self) -> None:
+        """One step of two padding decodes (the padding block only), so that the backend's decode kernel compiles
+        at start-up, for every layer's window, and no request waits for it."""
+        start = time.perf_counter()
+        try:
+            with room_for_graphs():
+                self._eager_forward(self.inputs.prepare([], [0, 1], 2), need_logits=False)
+        except Exception as exc:  # noqa: BLE001 - the backend's own decode path still serves; the reason is logged
+            self.backend.compile_decode(enable=False)
+            logger.warning("torch.compile of the decode attention kernel failed (%s: %s); decodes use the backend's "
+                           "eager path", type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
+            return
+        logger.info("torch.compile: the decode attention kernel is compiled in %.1f s", time.perf_counter() - start)
 
     @torch.inference_mode()
     def _capture_decode_graphs(self) -> None:

@@ -80,6 +80,11 @@ class AttentionBackend(ABC):
         position. Returns [num_tokens, num_heads, head_dim]. With sliding_window w, a query at position p
         sees keys at positions p - w < key <= p."""
 
+    def compile_decode(self, enable: bool = True) -> bool:
+        """Switch decodes to (or, enable=False, back from) a torch.compile'd kernel where the backend has one; the
+        engine calls this when it compiles the model. True if decodes now use it; its first call compiles it."""
+        return False
+
     def cuda_graph_unsupported(self) -> str | None:
         """None if plan_graph_decode() works, else why this backend cannot run inside a CUDA graph."""
         return f"the {self.name} attention backend does not support CUDA graphs"

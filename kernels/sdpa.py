@@ -6,6 +6,10 @@ Sequences are split into groups per step: decodes (one query each) apart from pr
 padding every decode to the longest chunk's query length would multiply the decode work by that
 length (a step mixing 60 decodes with one 512-token chunk is the common case under continuous
 batching); and within each kind, by length, so that short contexts are not padded to the longest.
+
+Where the engine compiles the model (CPU), it also turns on `compile_decode`: every decode of a step then goes
+through one compiled kernel that reads the paged cache in place (kernels/compiled_decode.py), and only prefill
+chunks are grouped as above.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from kernels.compiled_decode import CompiledDecode, pad_decode
 from kernels.interface import AttentionBackend, BatchLayout, segment_offsets
 from kernels.kv_write import write_kv
 from kernels.transfer import to_device, upload
@@ -60,9 +65,31 @@ class _Group:
 
 
 @dataclass
+class _DecodeBatch:
+    """Every decode of a step, for the compiled kernel: padded by pad_decode, so rows may repeat."""
+
+    num_seqs: int  # real sequences; rows past these are padding
+    rows: torch.Tensor  # [padded seqs] the decode's row in the flat token array
+    block_tables: torch.Tensor  # [padded seqs, blocks] covering the longest context
+    context_lens: torch.Tensor  # [padded seqs]
+
+
+@dataclass
 class SdpaMetadata:
     slot_mapping: torch.Tensor
     groups: list[_Group]
+    decode: _DecodeBatch | None = None
+
+
+def _build_decode(layout: BatchLayout, seq_idx: list[int], query_start: list[int], device) -> _DecodeBatch:
+    blocks = -(-max(layout.context_lens[i] for i in seq_idx) // layout.block_size)
+    tables = layout.block_tables.index_select(0, to_device(seq_idx, torch.long, layout.block_tables.device))
+    rows, tables, ctx_lens = pad_decode(
+        to_device([query_start[i] for i in seq_idx], torch.long, device),
+        tables[:, :blocks].to(device),
+        to_device([layout.context_lens[i] for i in seq_idx], torch.long, device),
+    )
+    return _DecodeBatch(len(seq_idx), rows, tables, ctx_lens)
 
 
 def _build_group(layout: BatchLayout, seq_idx: list[int], query_start: list[int], device: torch.device) -> _Group:
@@ -126,6 +153,13 @@ def _split_by_length(seq_idx: list[int], layout: BatchLayout) -> list[list[int]]
 class SdpaBackend(AttentionBackend):
     name = "sdpa"
 
+    def __init__(self) -> None:
+        self.decode_kernel: CompiledDecode | None = None
+
+    def compile_decode(self, enable: bool = True) -> bool:
+        self.decode_kernel = CompiledDecode() if enable else None
+        return enable
+
     def cuda_graph_unsupported(self) -> str | None:
         return ("the sdpa attention backend gathers each step's K/V into tensors shaped by that step's context "
                 "lengths, which a CUDA graph cannot replay")
@@ -137,12 +171,15 @@ class SdpaBackend(AttentionBackend):
             query_start.append(query_start[-1] + n)
         decodes = [i for i, n in enumerate(layout.query_lens) if n == 1]
         prefills = [i for i, n in enumerate(layout.query_lens) if n > 1]
+        decode = None
+        if self.decode_kernel is not None and decodes:
+            decode, decodes = _build_decode(layout, decodes, query_start, device), []
         groups = [
             _build_group(layout, idx, query_start, device)
             for kind in (decodes, prefills)
             for idx in _split_by_length(kind, layout)
         ]
-        return SdpaMetadata(slot_mapping=layout.slot_mapping, groups=groups)
+        return SdpaMetadata(slot_mapping=layout.slot_mapping, groups=groups, decode=decode)
 
     def forward(
         self,
@@ -162,6 +199,10 @@ class SdpaBackend(AttentionBackend):
         repeat = 1 if kv_heads == num_heads or _sdpa_has_enable_gqa() else num_heads // kv_heads
         extra = {"enable_gqa": True} if kv_heads != num_heads and repeat == 1 else {}
         out = torch.empty_like(q)
+        if (d := metadata.decode) is not None:
+            od = self.decode_kernel(q.index_select(0, d.rows), k_cache, v_cache, d.block_tables, d.context_lens,
+                                    scale, sliding_window)
+            out.index_copy_(0, d.rows[:d.num_seqs], od[:d.num_seqs])
         for g in metadata.groups:
             q_rows = q.index_select(0, g.rows)
             if g.max_q > 1:
