@@ -5,6 +5,7 @@ same prompts, same run (the workload flags are named as in `bench serve`, and dr
     attnserve bench offline --num-prompts 256 --input-len 562 --output-len 562 --range-ratio 0.821  # [100, 1024]
     attnserve bench offline --vocab-size 4096 --input-len 104 --output-len 104 --range-ratio 0.846  # 28M, [16, 192]
     attnserve bench offline --compare vllm  # also vLLM-CPU on the same requests (`make bench-peer` first)
+    attnserve bench offline --compare vllm --rounds 3 --skip-hf  # alternate the engines 3 times, report medians
 
 Each request has a random prompt (token ids) and a random output length, both uniform in
 [floor(L*(1-r)), ceil(L*(1+r))] (datasets.length_bounds, as `bench serve` draws them); generation is greedy with
@@ -25,6 +26,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import tempfile
 import time
@@ -100,23 +102,31 @@ def make_workload(n: int, input_len: tuple[int, int], output_len: tuple[int, int
     return prompts, outputs
 
 
-def run_attnserve(model_dir: Path, prompts, out_lens, max_model_len: int, args: argparse.Namespace) -> dict:
-    from engine import LLM, SamplingParams
+class AttnserveRun:
+    """attnserve's engine, loaded once (ready_s: the time to a ready engine, compiled or not), then run per round."""
 
-    start = time.perf_counter()
-    llm = LLM(str(model_dir), max_model_len=max_model_len, device=args.device, enforce_eager=args.enforce_eager,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
-    ready = time.perf_counter() - start
-    compiled = llm.engine.core.runner.compiled is not None
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
-    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
-    start = time.perf_counter()
-    results = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - start
-    generated = sum(len(r.outputs[0].token_ids) for r in results)
-    assert generated == sum(out_lens), "attnserve produced a different number of tokens than requested"
-    return {"seconds": elapsed, "output_tokens": generated, "tokens_per_s": generated / elapsed, "ready_s": ready,
-            "compiled": compiled}
+    def __init__(self, model_dir: Path, max_model_len: int, args: argparse.Namespace):
+        from engine import LLM
+
+        start = time.perf_counter()
+        self.llm = LLM(str(model_dir), max_model_len=max_model_len, device=args.device,
+                       enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens)
+        self.ready_s = time.perf_counter() - start
+        self.compiled = self.llm.engine.core.runner.compiled is not None
+
+    def run(self, prompts, out_lens, warm_up: bool) -> dict:
+        from engine import SamplingParams
+
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
+        if warm_up:
+            self.llm.generate(prompts[:2], params[:2], use_tqdm=False)
+        start = time.perf_counter()
+        results = self.llm.generate(prompts, params)
+        elapsed = time.perf_counter() - start
+        generated = sum(len(r.outputs[0].token_ids) for r in results)
+        assert generated == sum(out_lens), "attnserve produced a different number of tokens than requested"
+        return {"seconds": elapsed, "output_tokens": generated, "tokens_per_s": generated / elapsed}
 
 
 def run_transformers(model_dir: Path, prompts, out_lens, batch_size: int, device: str) -> dict:
@@ -144,17 +154,39 @@ def run_transformers(model_dir: Path, prompts, out_lens, batch_size: int, device
 VLLM_SETTINGS = {"default": {}, "both cores": {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}}
 
 
-def run_vllm(model_dir: Path, prompts, out_lens, max_model_len: int, python: str, setting: str) -> dict:
-    """vLLM's LLM.generate on the same requests, in its own venv (benchmarks/vllm_offline.py; `make bench-peer`)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        work, result = Path(tmp) / "workload.json", Path(tmp) / "result.json"
-        work.write_text(json.dumps({"prompts": prompts, "output_lens": out_lens}))
+class VllmPeer:
+    """One vLLM-CPU process (benchmarks/vllm_offline.py in the peer's venv, `make bench-peer`) holding its loaded
+    model between runs: `run()` asks it for one pass over the workload."""
+
+    def __init__(self, model_dir: Path, workload: Path, max_model_len: int, python: str, setting: str, tmp: Path):
+        self.setting = setting
+        self.log_path = tmp / f"vllm-{setting.replace(' ', '-')}.log"
         cmd = [python, str(Path(__file__).with_name("vllm_offline.py")), "--model", str(model_dir),
-               "--workload", str(work), "--max-model-len", str(max_model_len), "--out", str(result)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **VLLM_SETTINGS[setting]})
-        if proc.returncode != 0:
-            raise RuntimeError(f"vLLM ({setting}) failed with exit code {proc.returncode}:\n{proc.stderr[-3000:]}")
-        return {"setting": setting, **json.loads(result.read_text())}
+               "--workload", str(workload), "--max-model-len", str(max_model_len)]
+        with self.log_path.open("w") as log:  # its stderr; stdout carries the result lines
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                         env={**os.environ, **VLLM_SETTINGS[setting]})
+        self.ready = self._read("@@READY ")
+
+    def _read(self, marker: str) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(marker):
+                return json.loads(line[len(marker):])
+        code = self.proc.wait()
+        raise RuntimeError(f"vLLM ({self.setting}) exited with code {code}:\n{self.log_path.read_text()[-3000:]}")
+
+    def run(self) -> dict:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return self._read("@@RESULT ")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _transformers_available() -> bool:
@@ -182,40 +214,62 @@ def run_offline(args: argparse.Namespace) -> int:
               f"{output_range[0]}-{output_range[1]} output tokens each (uniform)")
         prompts, out_lens = make_workload(args.num_prompts, input_range, output_range, vocab, args.seed)
         max_model_len = input_range[1] + output_range[1]
-        ours = run_attnserve(model_dir, prompts, out_lens, max_model_len, args)
+        ours = AttnserveRun(model_dir, max_model_len, args)
         hf = [] if skip_hf else [
             run_transformers(model_dir, prompts, out_lens, bs, args.device) for bs in args.hf_batch_size
         ]
-        peers = [] if args.compare != "vllm" else [
-            run_vllm(model_dir, prompts, out_lens, max_model_len, args.peer_python, setting)
-            for setting in VLLM_SETTINGS
-        ]
+        peers: list[VllmPeer] = []
+        try:
+            if args.compare == "vllm":
+                workload = Path(tmp) / "workload.json"
+                workload.write_text(json.dumps({"prompts": prompts, "output_lens": out_lens}))
+                for setting in VLLM_SETTINGS:  # one after another, so each start-up has the machine to itself
+                    peers.append(VllmPeer(model_dir, workload, max_model_len, args.peer_python, setting, Path(tmp)))
+            # Rounds alternate the engines, each idle while another runs: this machine's speed drifts by 10-20%
+            # over minutes, so only runs side by side in time compare fairly.
+            rounds = []
+            for i in range(args.rounds):
+                rounds.append({"attnserve": ours.run(prompts, out_lens, warm_up=i == 0),
+                               **{peer.setting: peer.run() for peer in peers}})
+        finally:
+            for peer in peers:
+                peer.close()
 
+    def median(name: str) -> float:
+        return statistics.median(r[name]["tokens_per_s"] for r in rounds)
+
+    mine = median("attnserve")
+    vllm = [{"setting": p.setting, "tokens_per_s": median(p.setting), **p.ready} for p in peers]
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                    f"torch {torch.__version__}",
         "device": args.device,
         "workload": {"requests": args.num_prompts, "input_len": list(input_range),
                      "output_len": list(output_range)},
-        "attnserve": ours,
+        "attnserve": {**rounds[0]["attnserve"], "tokens_per_s": mine, "ready_s": ours.ready_s,
+                      "compiled": ours.compiled},
+        "rounds": rounds,
         "transformers": hf,
-        "ratios": {r["batch_size"]: ours["tokens_per_s"] / r["tokens_per_s"] for r in hf},
-        "vllm": peers,
-        "vllm_ratios": {r["setting"]: ours["tokens_per_s"] / r["tokens_per_s"] for r in peers},
+        "ratios": {r["batch_size"]: mine / r["tokens_per_s"] for r in hf},
+        "vllm": vllm,
+        "vllm_ratios": {r["setting"]: mine / r["tokens_per_s"] for r in vllm},
     }
-    print(f"attnserve:                {ours['output_tokens']} tokens in {ours['seconds']:6.1f} s = "
-          f"{ours['tokens_per_s']:7.1f} tok/s   ({'compiled' if ours['compiled'] else 'eager'}, ready after "
-          f"{ours['ready_s']:.0f} s)")
+    each = "" if args.rounds == 1 else f", median of {args.rounds} rounds"
+    for i, r in enumerate(rounds if args.rounds > 1 else []):
+        print(f"round {i + 1}: " + ", ".join(f"{name} {v['tokens_per_s']:.1f}" for name, v in r.items()) + " tok/s")
+    first = rounds[0]["attnserve"]
+    print(f"attnserve:                {first['output_tokens']} tokens in {first['seconds']:6.1f} s = "
+          f"{mine:7.1f} tok/s{each}   ({'compiled' if ours.compiled else 'eager'}, ready after "
+          f"{ours.ready_s:.0f} s)")
     for r in hf:
         print(f"transformers (batch {r['batch_size']:3d}): {r['output_tokens']} tokens in {r['seconds']:6.1f} s = "
               f"{r['tokens_per_s']:7.1f} tok/s   ratio attnserve/transformers {report['ratios'][r['batch_size']]:.2f}x")
-    for r in peers:
-        print(f"vLLM-CPU ({r['setting']:>10}): {r['output_tokens']} tokens in {r['seconds']:6.1f} s = "
-              f"{r['tokens_per_s']:7.1f} tok/s   ratio attnserve/vLLM {report['vllm_ratios'][r['setting']]:.2f}x   "
-              f"(ready after {r['ready_s']:.0f} s)")
-    if peers:
-        best = max(peers, key=lambda r: r["tokens_per_s"])
-        print(f"against vLLM's faster setting ({best['setting']}): {ours['tokens_per_s'] / best['tokens_per_s']:.2f}x")
+    for r in vllm:
+        print(f"vLLM-CPU ({r['setting']:>10}): {r['tokens_per_s']:7.1f} tok/s{each}   ratio attnserve/vLLM "
+              f"{report['vllm_ratios'][r['setting']]:.2f}x   (ready after {r['ready_s']:.0f} s)")
+    if vllm:
+        best = max(vllm, key=lambda r: r["tokens_per_s"])
+        print(f"against vLLM's faster setting ({best['setting']}): {mine / best['tokens_per_s']:.2f}x")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     return 0
@@ -252,6 +306,9 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", choices=["vllm"], default=None,
                    help="also run vLLM-CPU on the same requests (its default thread setting and both cores), in "
                         "its own venv (`make bench-peer` makes it)")
+    p.add_argument("--rounds", type=positive_int, default=1,
+                   help="runs of each engine, alternated (attnserve, then each vLLM setting, per round), each "
+                        "idle while another runs; throughputs are the medians (default: 1)")
     p.add_argument("--peer-python", default=".bench/vllm/bin/python", metavar="PATH",
                    help="the peer venv's python (default: .bench/vllm/bin/python)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results here")
