@@ -1,9 +1,15 @@
 """The engine loop on its own thread, and the asyncio client the server uses.
 
-The loop thread owns the LLMEngine: it takes queued adds and aborts, runs steps while there is work,
-and hands each request's delta outputs to that request's asyncio queue with call_soon_threadsafe.
-So the event loop never waits on a forward pass (torch releases the GIL in its kernels), and a
-forward pass never waits on HTTP.
+The loop thread owns the LLMEngine: it builds it (loads, compiles and warms up the model), takes queued adds
+and aborts, runs steps while there is work, and hands each request's delta outputs to that request's asyncio queue
+with call_soon_threadsafe. So the event loop never waits on a forward pass (torch releases the GIL in its kernels),
+and a forward pass never waits on HTTP.
+
+NOTE: every torch computation of the engine runs on that one thread, start-up included. With OpenMP (torch's CPU
+thread pool), each thread that starts a parallel region gets a team of worker threads of its own, and once a
+process has more worker threads than cores, libgomp stops spinning between regions and puts its workers to sleep,
+so every parallel region pays a futex wake-up. A model loaded on one thread and run on another thus ran 30% slower
+on 2 cores (docs/benchmarks.md). The thread that builds the engine must be the one that steps it.
 
 If the loop dies, the error is delivered to every waiting caller, `is_healthy` turns False, and new
 requests fail fast with EngineDeadError: nothing hangs. A watchdog thread does the same when the loop stops
@@ -104,10 +110,11 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, watchdog_timeout_s: float | None = None):
-        """`watchdog_timeout_s`: declare the engine dead when one turn of its loop (a step, or applying queued
-        commands) takes longer than this; None turns the watchdog off."""
-        self.engine = engine
+    def __init__(self, build_engine: Callable[[], LLMEngine], watchdog_timeout_s: float | None = None):
+        """Build the engine on the loop thread (see the module's NOTE on why there) and start the loop; an error in
+        `build_engine` is raised here. `watchdog_timeout_s`: declare the engine dead when one turn of its loop (a
+        step, or applying queued commands) takes longer than this; None turns the watchdog off."""
+        self.engine: LLMEngine
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()  # guards _streams, _pending_adds and _dead_error across threads
@@ -119,21 +126,26 @@ class AsyncEngine:
         self._stopping = threading.Event()
         self._stats_listeners: list[Callable[[IterationStats], None]] = []
         self._ids = itertools.count()
-        self._stats = engine.stats()
-        self._thread = threading.Thread(target=self._run, name="attnserve-engine", daemon=True)
+        built = threading.Event()
+        build_error: list[BaseException] = []
+        self._thread = threading.Thread(target=self._build_and_run, args=(build_engine, built, build_error),
+                                        name="attnserve-engine", daemon=True)
         self._thread.start()
+        built.wait()
+        if build_error:
+            raise build_error[0]
         if watchdog_timeout_s is not None:
             threading.Thread(target=self._watch, args=(watchdog_timeout_s,), name="attnserve-watchdog",
                              daemon=True).start()
 
     @classmethod
     def from_args(cls, model: str | None = None, **kwargs) -> AsyncEngine:
-        return cls(LLMEngine.from_args(model, **kwargs))
+        return cls(lambda: LLMEngine.from_args(model, **kwargs))
 
     @classmethod
     def from_config(cls, config: EngineConfig, *, watchdog_timeout_s: float | None = None) -> AsyncEngine:
         """Load the model and start the loop."""
-        return cls(LLMEngine(config), watchdog_timeout_s=watchdog_timeout_s)
+        return cls(lambda: LLMEngine(config), watchdog_timeout_s=watchdog_timeout_s)
 
     @property
     def info(self) -> EngineInfo:
@@ -214,6 +226,19 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine is not running: {self.dead_reason}")
 
     # ---- loop side (engine thread) -------------------------------------------------------------
+
+    def _build_and_run(self, build_engine: Callable[[], LLMEngine], built: threading.Event,
+                       build_error: list[BaseException]) -> None:
+        try:
+            self.engine = build_engine()
+            self._stats = self.engine.stats()
+            self._heartbeat = time.monotonic()  # the build may outlast the watchdog's timeout; it is not a stall
+        except BaseException as exc:  # noqa: BLE001 - handed to the constructor, which raises it in the caller
+            build_error.append(exc)
+            return
+        finally:
+            built.set()
+        self._run()
 
     def _run(self) -> None:
         try:

@@ -279,3 +279,36 @@ def test_cancelled_consumer_aborts_and_stream_works_without_await(async_engine):
         return False
 
     assert asyncio.run(go())
+
+
+def test_the_engine_is_built_and_stepped_on_one_thread(llama):
+    """Building on one thread and stepping on another gives each its own OpenMP team, which cost 30% on 2 cores
+    (engine/async_engine.py); so the loop thread builds the engine, and a build error reaches the caller."""
+    import threading
+
+    threads: dict[str, int] = {}
+
+    def build() -> LLMEngine:
+        threads["build"] = threading.get_ident()
+        engine = LLMEngine.from_args(str(llama), max_model_len=64, num_kv_blocks=32)
+        execute = engine.core.runner.execute
+
+        def recording_execute(*args, **kwargs):
+            threads["step"] = threading.get_ident()
+            return execute(*args, **kwargs)
+
+        engine.core.runner.execute = recording_execute
+        return engine
+
+    engine = AsyncEngine(build)
+    try:
+        assert len(collect(engine, "hello", greedy(max_tokens=3))[-1].outputs) == 1
+        assert threads["build"] == threads["step"] == engine._thread.ident != threading.get_ident()
+    finally:
+        engine.shutdown()
+
+    def broken() -> LLMEngine:
+        raise RuntimeError("no such model")
+
+    with pytest.raises(RuntimeError, match="no such model"):
+        AsyncEngine(broken)
