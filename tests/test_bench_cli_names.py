@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from attnserve.cli import BENCH_COMMANDS
-from benchmarks.offline import make_workload
+from benchmarks.offline import make_workload, redraw
 from clients.bench.cli import add_bench_args
 from clients.bench.cli import main as bench_main
 from clients.bench.datasets import DatasetError, fit_lengths, length_bounds, load_file
@@ -152,6 +152,19 @@ def test_offline_uses_the_serve_names_and_keeps_its_workload():
                   "--out", "r.json")
     assert (args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.out) == (4, 10, 6, 0.5,
                                                                                                "r.json")
+
+
+def test_each_round_redraws_the_prompt_ids_and_keeps_the_lengths():
+    """Rounds after the first would hit the prefix cache with the first round's prompts; each round draws its own."""
+    prompts, _ = make_workload(64, (32, 256), (32, 256), vocab=4096, seed=0)
+    rounds = [prompts] + [redraw(prompts, 4096, seed=i) for i in (1, 2, -1)]
+    assert redraw(prompts, 4096, seed=1) == rounds[1]  # deterministic
+    for later in rounds[1:]:
+        assert [len(p) for p in later] == [len(p) for p in prompts]
+        assert all(10 <= t < 4096 for p in later for t in p)
+    # No 16-token block (the prefix cache's unit) of any round's prompt starts another round's prompt.
+    firsts = [{tuple(p[:16]) for p in r} for r in rounds]
+    assert all(not (firsts[i] & firsts[j]) for i in range(4) for j in range(i + 1, 4))
 
 
 def test_offline_keeps_the_former_names_unlisted(capsys):
