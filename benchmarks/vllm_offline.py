@@ -4,9 +4,9 @@
 
 A workload file holds {"prompts": [[token ids], ...], "output_lens": [n, ...]}: the same requests attnserve runs.
 Generation is greedy with ignore_eos, so vLLM produces exactly the requested tokens. It loads the model, runs the
-warm-up workload (as on our side), prints `@@READY {"ready_s": ..}`, then runs the workload named by each
-`run PATH` line on stdin, printing `@@RESULT {..}` after each, until stdin closes. So the caller can alternate runs of both engines,
-each idle while the other runs, on a machine whose speed drifts. vLLM prints its own lines on stdout too; the
+warm-up workload (as on our side), prints `@@READY {"ready_s": ..}`, then runs the workload named by each `run PATH`
+line on stdin, printing `@@RESULT {..}` after each, until stdin closes. So the caller can alternate runs of both
+engines, each idle while the other runs, on a machine whose speed drifts. vLLM prints its own lines on stdout too; the
 markers tell ours apart. It imports nothing of attnserve: only vLLM and the standard library.
 """
 
