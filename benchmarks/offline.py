@@ -246,7 +246,7 @@ def run_offline(args: argparse.Namespace) -> int:
             rounds = []
             for i in range(args.rounds):
                 round_prompts = prompts if i == 0 else redraw(prompts, vocab, seed=i)
-                workload = _write_workload(Path(tmp) / f"round-{i}.json", round_prompts, out_lens)
+                workload = _write_workload(Path(tmp) / f"round-{i}.json", round_prompts, out_lens) if peers else None
                 rounds.append({"attnserve": ours.run(round_prompts, out_lens, warm_up if i == 0 else None),
                                **{peer.setting: peer.run(workload) for peer in peers}})
         finally:

@@ -26,6 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
@@ -126,14 +127,11 @@ class AsyncEngine:
         self._stopping = threading.Event()
         self._stats_listeners: list[Callable[[IterationStats], None]] = []
         self._ids = itertools.count()
-        built = threading.Event()
-        build_error: list[BaseException] = []
-        self._thread = threading.Thread(target=self._build_and_run, args=(build_engine, built, build_error),
+        built: Future[None] = Future()
+        self._thread = threading.Thread(target=self._build_and_run, args=(build_engine, built),
                                         name="attnserve-engine", daemon=True)
         self._thread.start()
-        built.wait()
-        if build_error:
-            raise build_error[0]
+        built.result()  # raises the build's error, if any
         if watchdog_timeout_s is not None:
             threading.Thread(target=self._watch, args=(watchdog_timeout_s,), name="attnserve-watchdog",
                              daemon=True).start()
@@ -227,17 +225,15 @@ class AsyncEngine:
 
     # ---- loop side (engine thread) -------------------------------------------------------------
 
-    def _build_and_run(self, build_engine: Callable[[], LLMEngine], built: threading.Event,
-                       build_error: list[BaseException]) -> None:
+    def _build_and_run(self, build_engine: Callable[[], LLMEngine], built: Future[None]) -> None:
         try:
             self.engine = build_engine()
             self._stats = self.engine.stats()
             self._heartbeat = time.monotonic()  # the build may outlast the watchdog's timeout; it is not a stall
         except BaseException as exc:  # noqa: BLE001 - handed to the constructor, which raises it in the caller
-            build_error.append(exc)
+            built.set_exception(exc)
             return
-        finally:
-            built.set()
+        built.set_result(None)
         self._run()
 
     def _run(self) -> None:

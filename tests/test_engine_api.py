@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 
 import pytest
 
@@ -284,8 +285,6 @@ def test_cancelled_consumer_aborts_and_stream_works_without_await(async_engine):
 def test_the_engine_is_built_and_stepped_on_one_thread(llama):
     """Building on one thread and stepping on another gives each its own OpenMP team, which cost 30% on 2 cores
     (engine/async_engine.py); so the loop thread builds the engine, and a build error reaches the caller."""
-    import threading
-
     threads: dict[str, int] = {}
 
     def build() -> LLMEngine:
