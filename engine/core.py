@@ -2,7 +2,8 @@
 
 It knows nothing of text: a request arrives as token ids with its SamplingParams, and each step reports, per sample
 that advanced, the new token id (and logprob) and a finish reason decided from tokens alone (eos, stop token ids,
-max_tokens, max_model_len). Its interface is three plain-data messages, so that it could run in another process:
+max_tokens, max_model_len). A request that asks for prompt logprobs gets them with each sample's first output: every
+sample computes them (each prefills its own copy of the prompt anyway), so whichever reports first carries them. Its interface is three plain-data messages, so that it could run in another process:
 add (a PreparedRequest), abort (a request id, optionally one sample of it) and the step's CoreStepOutput. The text
 side (tokenizing, detokenizing, stop strings, RequestOutputs) is engine/output_processor.py; LLMEngine joins them.
 """
@@ -41,14 +42,16 @@ class PreparedRequest:
 
 @dataclass
 class CoreOutput:
-    """One sample's new token in one step."""
+    """One sample's new token in one step; or, for max_tokens=0, the end of its prompt (token_id None)."""
 
     request_id: str
     index: int  # which of the request's n samples
-    token_id: int
+    token_id: int | None
     logprob: TokenLogprob | None  # when the request asked for logprobs
     finish_reason: str | None  # "stop" (eos, stop token id) | "length"; None while it runs
     stop_reason: int | None  # the stop token id that ended it
+    # With the sample's first output, when the request asked for them: one per prompt token, the first None.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -116,13 +119,19 @@ class EngineCore:
                 raise RuntimeError("scheduler made no progress with requests pending (pool or budget misconfigured)")
             return CoreStepOutput()
         scheduled_at = time.monotonic()
-        sampler_out = self.runner.execute(sched.scheduled, sched.samples)
+        result = self.runner.execute(sched.scheduled, sched.samples)
+        sampler_out = result.sampled
         token_ids = [] if sampler_out is None else sampler_out.token_ids
-        sampled = self.scheduler.update_from_output(sched, token_ids)
+        sampled = self.scheduler.update_from_output(sched, token_ids, result.prompt_logprobs)
         self.generation_tokens_total += len(sampled)
-        outputs = [CoreOutput(seq.request_id, seq.index, token, logprob, seq.finish_reason, seq.stop_reason)
+        outputs = [CoreOutput(seq.request_id, seq.index, token, logprob, seq.finish_reason, seq.stop_reason,
+                              _first_prompt_logprobs(seq))
                    for seq, token, logprob in zip(sampled, token_ids, sampler_out.logprobs if sampled else [])]
-        for request_id in {seq.request_id for seq in sampled if seq.is_finished}:
+        # max_tokens=0: a sample that did not sample and is finished has had its prompt computed.
+        ended = [seq for (seq, _), samples in zip(sched.scheduled, sched.samples) if not samples and seq.is_finished]
+        outputs += [CoreOutput(seq.request_id, seq.index, None, None, seq.finish_reason, None,
+                               _first_prompt_logprobs(seq)) for seq in ended]
+        for request_id in {seq.request_id for seq in sampled + ended if seq.is_finished}:
             self._forget_if_done(request_id)
         admitted = [(seq.request_id, seq.index, seq.num_cached_tokens) for seq in sched.admitted]
         return CoreStepOutput(outputs, admitted, scheduled_at, time.monotonic(), sched.num_batched_tokens)
@@ -146,6 +155,15 @@ class EngineCore:
             prefix_cache_queries=self.scheduler.prefix_cache_queries,
             prefix_cache_hits=self.scheduler.prefix_cache_hits,
         )
+
+
+def _first_prompt_logprobs(seq: Sequence) -> list[TokenLogprob | None] | None:
+    """A sample's prompt logprobs, on its first output only (the one with its first token, or its end when
+    max_tokens is 0); by then they are complete."""
+    if seq.prompt_logprobs is None or seq.num_output_tokens > 1:
+        return None
+    assert not seq.needs_prompt_logprobs, seq
+    return seq.prompt_logprobs
 
 
 def _cap_max_model_len(config: EngineConfig, num_blocks: int) -> EngineConfig:

@@ -136,3 +136,5 @@ def _merge(out: RequestOutput, delta: RequestOutput) -> None:
     out.finished = delta.finished
     out.metrics = delta.metrics
     out.num_cached_tokens = delta.num_cached_tokens
+    if delta.prompt_logprobs is not None:
+        out.prompt_logprobs = delta.prompt_logprobs

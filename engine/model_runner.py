@@ -3,7 +3,8 @@
 The batch is flat: all new tokens of all sequences in one [num_tokens] row, so the linear layers do
 no padding work. Only attention pads, inside the backend. Logits are computed only for the rows that
 sample this step (the last token of each sequence that has caught up), which skips the LM head for
-partial prefill chunks and for every prompt token but the last.
+partial prefill chunks and for every prompt token but the last. A request that asks for prompt logprobs
+has its prompt rows scored too (`_score_prompts`), in bounded slices, from the same forward.
 
 On CUDA a step never waits for the device until the sampled tokens come back: the batch is built in
 preallocated pinned buffers and copied without blocking (engine/step_inputs.py), and pure decode
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -24,13 +26,48 @@ from engine.cuda_graphs import DecodeGraphs, capture_sizes, cuda_graphs_unavaila
 from engine.kv_cache import allocate_kv_tensors, blocks_for, bytes_per_block
 from engine.models.common import ForwardContext
 from engine.models.loader import load_model
-from engine.sampler import Sampler, SamplerOutput
+from engine.outputs import TokenLogprob
+from engine.sampler import Sampler, SamplerOutput, score_tokens
 from engine.sequence import Sequence
 from engine.step_inputs import StepBatch, StepInputs
 from kernels.backend import get_attention_backend
 from kernels.interface import BatchLayout
+from kernels.transfer import to_device
 
 logger = logging.getLogger(__name__)
+
+# The most logits (rows x vocab floats) one LM-head call over prompt rows may produce: 64 MiB of fp32.
+_SCORING_LOGITS = 1 << 24
+
+
+@dataclass
+class StepResult:
+    sampled: SamplerOutput | None  # the sampling sequences' tokens; None when none sampled
+    prompt_logprobs: dict[int, list[TokenLogprob]]  # seq_id -> the prompt logprobs this step computed, in order
+
+
+@dataclass
+class _PromptSlice:
+    """Rows of a step whose logits score prompt tokens: row first_row + i predicts targets[i]."""
+
+    seq_id: int
+    first_row: int
+    targets: list[int]
+    num_top: int
+
+
+def _prompt_slice(seq: Sequence, n: int, first_row: int) -> list[_PromptSlice]:
+    """The prompt tokens that seq's n tokens this step (rows from first_row) score, beyond those it has: the logits
+    at position q give the logprob of token q + 1, for q + 1 up to the last prompt token. After a preemption the
+    recomputed positions whose logprobs it already has are skipped."""
+    start = seq.num_computed_tokens
+    have = len(seq.prompt_logprobs)  # tokens 0..have-1
+    assert have - 1 >= start, (seq, have)  # no gap: the prefix cache is not read while some are missing
+    first, stop = have - 1, min(start + n, seq.num_prompt_tokens - 1)
+    if stop <= first:
+        return []
+    return [_PromptSlice(seq.seq_id, first_row + first - start, seq.token_ids[first + 1 : stop + 1],
+                         seq.params.prompt_logprobs)]
 
 
 class ModelRunner:
@@ -103,7 +140,7 @@ class ModelRunner:
         start = time.perf_counter()
         try:
             with room_for_graphs():
-                self._eager_forward(self.inputs.prepare([], [0, 1], 2), need_logits=False)
+                self._eager_forward(self.inputs.prepare([], [0, 1], 2))
         except Exception as exc:  # noqa: BLE001 - the backend's own decode path still serves; the reason is logged
             self.backend.compile_decode(enable=False)
             logger.warning("torch.compile of the decode attention kernel failed (%s: %s); decodes use the backend's "
@@ -200,26 +237,55 @@ class ModelRunner:
         return budget
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Sequence, int]], samples: list[bool]) -> SamplerOutput | None:
-        """Run one step. `samples[i]`: scheduled[i] samples a token (the scheduler decides). Returns the sampler's
-        output for the sampling sequences, in order (None when none samples)."""
+    def execute(self, scheduled: list[tuple[Sequence, int]], samples: list[bool]) -> StepResult:
+        """Run one step. `samples[i]`: scheduled[i] samples a token (the scheduler decides). Returns the sampled
+        tokens of the sampling sequences, in order, and the prompt logprobs this step computed."""
         sampling: list[Sequence] = []
         rows: list[int] = []
+        scoring: list[_PromptSlice] = []
         end = 0
         for (seq, n), sample in zip(scheduled, samples):
+            if seq.needs_prompt_logprobs:
+                scoring.extend(_prompt_slice(seq, n, end))
             end += n
             if sample:
                 sampling.append(seq)
                 rows.append(end - 1)
-        padded = self._padded_decode_size(scheduled, sampling)
+        padded = None if scoring else self._padded_decode_size(scheduled, sampling)
         batch = self.inputs.prepare(scheduled, rows, padded or len(scheduled))
+        prompt_logprobs = {}
         if padded is not None:
             logits = self._padded_decode(batch)[: batch.num_seqs]
         else:
-            logits = self._eager_forward(batch, bool(sampling))
+            hidden = self._eager_forward(batch)
+            if scoring:
+                prompt_logprobs = self._score_prompts(hidden, scoring)
+            logits = self._logits(hidden, batch.logits_rows) if sampling else None
         if not sampling:
-            return None
-        return self.sampler(logits, sampling)
+            return StepResult(None, prompt_logprobs)
+        return StepResult(self.sampler(logits, sampling), prompt_logprobs)
+
+    def _score_prompts(self, hidden: torch.Tensor, slices: list[_PromptSlice]) -> dict[int, list[TokenLogprob]]:
+        """The prompt logprobs of `slices` (seq_id -> in position order) from the step's hidden states. The LM head
+        runs over their rows a bounded number at a time: a prompt chunk's logits are [tokens, vocab] floats."""
+        rows = [row for s in slices for row in range(s.first_row, s.first_row + len(s.targets))]
+        targets = [token for s in slices for token in s.targets]
+        tops = [s.num_top for s in slices for _ in s.targets]
+        model = self.compiled or self.model
+        most = max(1, _SCORING_LOGITS // self.config.model.vocab_size)
+        if self.compiled is not None:
+            most = min(most, self.compiled.row_buckets[-1])
+        scored: list[TokenLogprob] = []
+        for lo in range(0, len(rows), most):
+            index = to_device(rows[lo : lo + most], torch.long, hidden.device)
+            logits = model.compute_logits(hidden.index_select(0, index))
+            scored.extend(score_tokens(logits, targets[lo : lo + most], tops[lo : lo + most]))
+        out: dict[int, list[TokenLogprob]] = {}
+        at = 0
+        for s in slices:
+            out[s.seq_id] = scored[at : at + len(s.targets)]
+            at += len(s.targets)
+        return out
 
     def _padded_decode_size(self, scheduled: list[tuple[Sequence, int]], sampling: list[Sequence]) -> int | None:
         """The padded size for a pure decode step (every sequence computes exactly its newest token), or
@@ -238,16 +304,16 @@ class ModelRunner:
             metadata = self.backend.plan(self._layout(batch))
         return self._decode_logits(batch.num_rows, metadata)
 
-    def _eager_forward(self, batch: StepBatch, need_logits: bool) -> torch.Tensor | None:
-        """A step without a CUDA graph: by the compiled model where there is one, else eagerly."""
+    def _eager_forward(self, batch: StepBatch) -> torch.Tensor:
+        """A step without a CUDA graph, by the compiled model where there is one, else eagerly: its hidden states."""
         ctx = ForwardContext(self.backend, self.backend.plan(self._layout(batch)), self.kv_caches)
-        model = self.compiled or self.model
-        hidden = model(batch.input_ids, batch.positions, ctx)
-        if not need_logits:
-            return None
-        if batch.logits_rows is not None:
-            hidden = hidden.index_select(0, batch.logits_rows)
-        return model.compute_logits(hidden)
+        return (self.compiled or self.model)(batch.input_ids, batch.positions, ctx)
+
+    def _logits(self, hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Logits of hidden's `rows` (None: every row)."""
+        if rows is not None:
+            hidden = hidden.index_select(0, rows)
+        return (self.compiled or self.model).compute_logits(hidden)
 
     def _layout(self, batch: StepBatch) -> BatchLayout:
         return BatchLayout(batch.query_lens, batch.context_lens, batch.block_tables, batch.slot_mapping,

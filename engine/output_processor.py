@@ -19,7 +19,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_info import EngineInfo
 from engine.errors import ValidationError
 from engine.kv_cache import blocks_for
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams, check_token_ids
 from engine.stats import FinishedRequestStats, IterationStats, RequestTimes
 
@@ -40,6 +40,7 @@ class _RequestState:
     samples: list[_Sample]
     times: RequestTimes
     num_cached_tokens: int = 0  # of sample 0, once admitted
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # once the first sample has reported them
 
     @property
     def finished(self) -> bool:
@@ -80,10 +81,12 @@ class OutputProcessor:
         # The copy validates again: SamplingParams is mutable (as vLLM's), so it may have changed since it was made.
         params = params.clone(eos_token_ids=self.eos_token_ids)
         params.check_vocab(info.vocab_size)
-        if len(ids) >= max_len:
+        # A prompt scored without sampling (max_tokens 0) may fill the whole context.
+        if len(ids) > max_len or (len(ids) == max_len and params.max_tokens != 0):
             raise ValidationError(
                 f"this model's maximum context length is {max_len} tokens, but the prompt has {len(ids)}; "
-                f"a prompt may have at most {max_len - 1} tokens to leave room for the completion", "prompt")
+                f"a prompt may have at most {max_len - 1} tokens to leave room for the completion "
+                f"({max_len} with max_tokens 0)", "prompt")
         max_tokens = params.max_tokens if params.max_tokens is not None else max_len - len(ids)
         total = len(ids) + max_tokens
         if total > max_len:
@@ -128,12 +131,22 @@ class OutputProcessor:
             self._iteration.step_tokens.append(step.num_batched_tokens)
         deltas: dict[str, list[CompletionOutput]] = {}
         stopped: list[tuple[str, int]] = []
+        new_prompt_logprobs: set[str] = set()
         for out in step.outputs:
             state = self._requests.get(out.request_id)
             if state is None or state.samples[out.index].finish_reason is not None:
                 continue  # aborted, or ended by a stop string, while the core ran this step
-            self._record_token(state, state.samples[out.index], step.finished_at)
-            completion = self._detokenize(state.samples[out.index], out)
+            if out.prompt_logprobs is not None and state.prompt_logprobs is None:
+                state.prompt_logprobs = out.prompt_logprobs
+                new_prompt_logprobs.add(out.request_id)
+            sample = state.samples[out.index]
+            if out.token_id is None:  # max_tokens=0: the sample ends with its prompt, without a token
+                sample.finish_reason = out.finish_reason
+                no_logprobs = state.request.params.logprobs is None
+                completion = CompletionOutput(out.index, "", [], None if no_logprobs else [], out.finish_reason)
+            else:
+                self._record_token(state, sample, step.finished_at)
+                completion = self._detokenize(sample, out)
             if completion.finish_reason is not None and out.finish_reason is None:
                 stopped.append((out.request_id, out.index))
             deltas.setdefault(out.request_id, []).append(completion)
@@ -144,14 +157,17 @@ class OutputProcessor:
                 del self._requests[request_id]
                 state.times.finished = step.finished_at
                 self._record_finished(state, state.samples[0].finish_reason)
-            outputs.append(self._request_output(state, completions))
+            output = self._request_output(state, completions)
+            if request_id in new_prompt_logprobs:
+                output.prompt_logprobs = state.prompt_logprobs
+            outputs.append(output)
         return outputs, stopped
 
     def _detokenize(self, sample: _Sample, out: CoreOutput) -> CompletionOutput:
         """The text a new token adds; a stop string found in it ends the sample."""
         detok = sample.detokenizer
-        sample.token_ids.append(out.token_id)
         reason, stop_reason = out.finish_reason, out.stop_reason
+        sample.token_ids.append(out.token_id)
         if reason == "stop":
             # Ended by eos or a stop token: that token is not part of the text.
             text = detok.flush()

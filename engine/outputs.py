@@ -47,3 +47,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestTimes | None = None  # set on the finished output: when it arrived, was scheduled, ...
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # With SamplingParams.prompt_logprobs: token j's logprob given tokens 0..j-1 (entry 0 is None), on the first
+    # output that has them (in delta mode only there).
+    prompt_logprobs: list[TokenLogprob | None] | None = None

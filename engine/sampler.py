@@ -46,7 +46,8 @@ class Sampler:
         # Everything above is only queued on the device; this is the step's one copy back and one wait.
         if logprob_tensors is None:
             return SamplerOutput(copy_to_host(token_ids), [None] * len(seqs))
-        return _unpack(copy_to_host(_pack(token_ids, logprob_tensors)), logprob_tensors, seqs)
+        tops = [seqs[i].params.logprobs for i in logprob_tensors.rows]
+        return _unpack(copy_to_host(_pack(token_ids, logprob_tensors)), logprob_tensors, tops)
 
 
 def copy_to_host(values: torch.Tensor) -> list:
@@ -218,12 +219,24 @@ def _raw_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, seqs: list[Sequ
     if len(rows) < len(seqs):
         index = to_device(rows, torch.long, logits.device)
         logits, token_ids = logits.index_select(0, index), token_ids.index_select(0, index)
+    return _logprob_tensors(logits, token_ids, rows, max(seqs[i].params.logprobs for i in rows))
+
+
+def _logprob_tensors(logits: torch.Tensor, token_ids: torch.Tensor, rows: list[int], num_top: int) -> _LogprobTensors:
+    """Each row's logprob of token_ids[row] under the raw logits, its rank, and the row's num_top best."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(1, token_ids[:, None])
     ranks = (logprobs > chosen).sum(dim=-1) + 1
-    num_top = min(max(seqs[i].params.logprobs for i in rows), logprobs.shape[-1])
-    top_logprobs, top_ids = logprobs.topk(num_top, dim=-1)
+    top_logprobs, top_ids = logprobs.topk(min(num_top, logprobs.shape[-1]), dim=-1)
     return _LogprobTensors(rows, chosen.squeeze(1), ranks, top_logprobs, top_ids)
+
+
+def score_tokens(logits: torch.Tensor, token_ids: list[int], num_top: list[int]) -> list[TokenLogprob]:
+    """Row i's logprob of token_ids[i] (a prompt token, given the tokens before it), with its rank and the row's
+    num_top[i] most likely tokens. One copy back to the host."""
+    targets = to_device(token_ids, torch.long, logits.device)
+    t = _logprob_tensors(logits, targets, list(range(len(token_ids))), max(num_top))
+    return _unpack(copy_to_host(_pack(targets, t)), t, num_top).logprobs
 
 
 def _pack(token_ids: torch.Tensor, t: _LogprobTensors) -> torch.Tensor:
@@ -233,8 +246,11 @@ def _pack(token_ids: torch.Tensor, t: _LogprobTensors) -> torch.Tensor:
     return torch.cat([p.to(torch.float64) for p in parts])
 
 
-def _unpack(values: list[float], t: _LogprobTensors, seqs: list[Sequence]) -> SamplerOutput:
-    num_rows, num_lp, num_top = len(seqs), len(t.rows), t.top_ids.shape[-1]
+def _unpack(values: list[float], t: _LogprobTensors, tops: list[int]) -> SamplerOutput:
+    """`values` from _pack: the token of every row, then the logprobs of rows t.rows, row t.rows[j] with its
+    tops[j] best alternatives."""
+    num_lp, num_top = len(t.rows), t.top_ids.shape[-1]
+    num_rows = len(values) - num_lp * (2 + 2 * num_top)
     tokens = [int(v) for v in values[:num_rows]]
     chosen = values[num_rows : num_rows + num_lp]
     ranks = values[num_rows + num_lp : num_rows + 2 * num_lp]
@@ -242,8 +258,7 @@ def _unpack(values: list[float], t: _LogprobTensors, seqs: list[Sequence]) -> Sa
     top_logprobs = values[top_start : top_start + num_lp * num_top]
     top_ids = values[top_start + num_lp * num_top :]
     outputs: list[TokenLogprob | None] = [None] * num_rows
-    for j, i in enumerate(t.rows):
-        n = seqs[i].params.logprobs
+    for j, (i, n) in enumerate(zip(t.rows, tops)):
         first = j * num_top
         top = [(int(tok), lp) for tok, lp in zip(top_ids[first : first + n], top_logprobs[first : first + n])]
         outputs[i] = TokenLogprob(token_id=tokens[i], logprob=chosen[j], rank=int(ranks[j]), top=top)

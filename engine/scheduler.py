@@ -8,7 +8,9 @@ running sequence is preempted: its blocks are freed and it is recomputed later.
 
 With prefix caching, a sequence admitted without KV first takes the longest chain of cached full blocks that
 matches its tokens (always leaving at least one token to compute, so its next token gets fresh logits), and
-every block it fills is registered for later requests once its K/V are computed (advance()).
+every block it fills is registered for later requests once its K/V are computed (advance()). A sequence that asks
+for prompt logprobs reads nothing from the cache until they are all computed (Sequence.needs_prompt_logprobs); it
+still registers its blocks for others.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from engine.block_hash import ROOT, block_key, hash_block
 from engine.config import SchedulerConfig
 from engine.kv_cache import BlockPool, blocks_for
+from engine.outputs import TokenLogprob
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -103,17 +106,25 @@ class Scheduler:
         decodes = [(by_id[i], n) for i, n in planned.items() if n == 1]
         prefills = [(by_id[i], n) for i, n in planned.items() if n > 1]
         out.scheduled = decodes + prefills
-        out.samples = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in out.scheduled]
+        # A max_tokens=0 sequence (prompt scoring) never samples: it ends when its prompt is computed.
+        out.samples = [seq.num_computed_tokens + n == seq.num_tokens and seq.max_tokens > 0 for seq, n in out.scheduled]
         return out
 
-    def update_from_output(self, out: SchedulerOutput, token_ids: list[int]) -> list[Sequence]:
+    def update_from_output(self, out: SchedulerOutput, token_ids: list[int],
+                           prompt_logprobs: dict[int, list[TokenLogprob]] | None = None) -> list[Sequence]:
         """Apply one step's result; the one place that writes a sequence's per-step state. The scheduled tokens'
-        K/V are now cached; each sampling sequence (in `out.scheduled` order) takes its token, and one that reached
-        EOS, a stop token id, max_tokens or max_model_len is finished by its tokens. Returns the sampling sequences."""
+        K/V are now cached, and their prompt logprobs (seq_id -> the next ones, for sequences that asked) recorded;
+        each sampling sequence (in `out.scheduled` order) takes its token, and one that reached EOS, a stop token id,
+        max_tokens or max_model_len is finished by its tokens. A max_tokens=0 sequence whose prompt is now computed
+        ends with "length". Returns the sampling sequences."""
         sampled = [seq for (seq, _), samples in zip(out.scheduled, out.samples) if samples]
         assert len(sampled) == len(token_ids), (len(sampled), len(token_ids))
         for seq, n in out.scheduled:
+            if prompt_logprobs and seq.seq_id in prompt_logprobs:
+                seq.prompt_logprobs.extend(prompt_logprobs[seq.seq_id])
             self.advance(seq, n)
+            if seq.max_tokens == 0 and seq.num_computed_tokens == seq.num_tokens:
+                self.finish(seq, "length")
         for seq, token in zip(sampled, token_ids):
             seq.append_token(token)
             reason, stop_reason = self._token_stop(seq, token)
@@ -163,7 +174,7 @@ class Scheduler:
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """The cached blocks holding the longest prefix of seq's tokens, at most all but its last token."""
-        if not self.prefix_caching or seq.block_ids:
+        if not self.prefix_caching or seq.block_ids or seq.needs_prompt_logprobs:
             return []
         blocks: list[int] = []
         for i in range((seq.num_tokens - 1) // self.block_size):

@@ -10,6 +10,7 @@ import enum
 
 import torch
 
+from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 
 
@@ -49,6 +50,9 @@ class Sequence:
         self.block_hashes: list[bytes] = []
         self.num_registered_blocks = 0
         self.num_cached_tokens: int | None = None  # prompt tokens found in the cache at first admission
+        # Prompt logprobs, when the request asks for them: entry j is token j's given tokens 0..j-1 (entry 0 is None:
+        # the first token has no prefix). They fill in as the prompt's chunks are computed (engine/model_runner.py).
+        self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         # A seeded request draws its noise from its own generator, so its samples do not depend on
@@ -69,6 +73,12 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """It asked for prompt logprobs and some are still missing: its prompt must be computed, not read from the
+        prefix cache (the cache holds K/V, not the hidden states that the logits come from)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -39,6 +39,7 @@ class Tokenizer:
         chat_templates: dict[str, str] | None = None,
         generation_eos_ids: Iterable[int] = (),
         model_max_length: int | None = None,
+        tokenizer_class: str = "PreTrainedTokenizerFast",
     ):
         """`backend` must already hold every token named in `special_tokens` (name -> token string, e.g.
         {"eos_token": "</s>"}). `chat_templates` maps template names to Jinja source; "default" is the main one."""
@@ -49,6 +50,7 @@ class Tokenizer:
         self._special_tokens = {name: tok for name, tok in (special_tokens or {}).items() if tok is not None}
         self._chat_templates = dict(chat_templates or {})
         self._model_max_length = model_max_length
+        self.tokenizer_class = tokenizer_class  # tokenizer_config.json's, as transformers would name it
         vocab = backend.get_vocab(with_added_tokens=True)
         # Ids index embedding rows, so the bound that matters is the largest id, not the count of entries.
         self._vocab_size = max(vocab.values()) + 1 if vocab else 0
@@ -93,6 +95,7 @@ class Tokenizer:
             chat_templates=_load_chat_templates(model_dir, config),
             generation_eos_ids=_eos_ids(generation, model_dir / "generation_config.json"),
             model_max_length=_max_length(config.get("model_max_length")),
+            tokenizer_class=str(config.get("tokenizer_class") or "PreTrainedTokenizerFast"),
         )
 
     # ----- encoding and decoding -----

@@ -33,6 +33,7 @@ from server.protocol import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfoResponse,
     VersionResponse,
 )
 
@@ -131,6 +132,16 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         strs = [s or "" for s in tokenizer.convert_ids_to_tokens(ids)] if body.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=info.max_model_len, tokens=ids,
                                 token_strs=strs)
+
+    @app.get("/tokenizer_info", response_model=TokenizerInfoResponse)
+    async def tokenizer_info() -> TokenizerInfoResponse:
+        tokenizer = ctx.tokenizer
+        special = tokenizer.special_tokens
+        return TokenizerInfoResponse(
+            tokenizer_class=tokenizer.tokenizer_class, bos_token=special.get("bos_token"),
+            eos_token=special.get("eos_token"), pad_token=special.get("pad_token"),
+            unk_token=special.get("unk_token"), chat_template=tokenizer.chat_template,
+            model_max_length=tokenizer.model_max_length or info.max_model_len, vocab_size=tokenizer.vocab_size)
 
     @app.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from engine.errors import ValidationError
-from engine.outputs import TokenLogprob
 from server.errors import APIError
 from server.generation import (
     ChoiceState,
@@ -25,6 +23,7 @@ from server.generation import (
     sse_response,
     usage_dict,
 )
+from server.logprobs import chat_logprobs, check_prompt_logprobs_size, prompt_logprobs_json
 from server.protocol import ChatCompletionRequest
 
 # Names the renderer sets itself; chat_template_kwargs may not replace them.
@@ -61,14 +60,6 @@ def _cut_after_final_message(text: str, final: dict) -> str:
     return text[: at + len(content)]
 
 
-def chat_logprobs(tokenizer, logprobs: list[TokenLogprob]) -> list[dict[str, Any]]:
-    def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        text = tokenizer.token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-    return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs]
-
-
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request) -> Response:
     ctx.check_model(req.model)
     ctx.check_serving()
@@ -78,13 +69,16 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     if req.response_format is not None and req.response_format.type != "text":
         raise APIError(400, f"response_format {req.response_format.type!r} is not supported; only 'text' is",
                        "response_format")
+    if req.stream and req.prompt_logprobs is not None:
+        raise APIError(400, "prompt_logprobs is not available when stream is true", "prompt_logprobs")
     if req.continue_final_message and req.add_generation_prompt:
         raise APIError(400, "continue_final_message needs add_generation_prompt set to false",
                        "continue_final_message")
     defaults = ctx.engine.info.generation_defaults
     max_tokens = req.max_completion_tokens or req.max_tokens or defaults.get("max_tokens")
     params = sampling_params(req, defaults, max_tokens=max_tokens,
-                             logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+                             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                             prompt_logprobs=req.prompt_logprobs)
     request_id = new_request_id("chatcmpl")
 
     def prepare():
@@ -92,6 +86,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                                    cache_salt=req.cache_salt)]
 
     prepared = await ctx.off_loop(prepare)
+    check_prompt_logprobs_size(prepared, 1, "prompt_logprobs")  # the response carries them once, not per choice
+    as_ids = req.return_tokens_as_token_ids
     log = admit(ctx, request_id, prepared)
     if req.stream:
         writer = ChunkWriter({"id": request_id, "object": "chat.completion.chunk", "created": now(),
@@ -100,7 +96,10 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
 
     async def collect() -> Response:
         choices = [ChoiceState() for _ in range(req.n)]
+        prompt_logprobs = None
         async for _, out in merge(log.streams):
+            if out.prompt_logprobs is not None:
+                prompt_logprobs = out.prompt_logprobs
             for delta in out.outputs:
                 choices[delta.index].add(delta)
         return JSONResponse({
@@ -108,12 +107,14 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
             "choices": [{
                 "index": j,
                 "message": {"role": "assistant", "content": "".join(state.text)},
-                "logprobs": {"content": chat_logprobs(ctx.tokenizer, state.logprobs)} if req.logprobs else None,
+                "logprobs": {"content": chat_logprobs(ctx.tokenizer, state.logprobs, as_ids)} if req.logprobs
+                else None,
                 "finish_reason": state.finish_reason,
                 "stop_reason": state.stop_reason,
             } for j, state in enumerate(choices)],
             "usage": usage_dict(log, sum(len(s.token_ids) for s in choices)),
             "system_fingerprint": None,
+            "prompt_logprobs": prompt_logprobs_json(ctx.tokenizer, prompt_logprobs, as_ids),
         })
 
     return await json_response(ctx, raw, log, collect)
@@ -128,7 +129,8 @@ async def _events(ctx: ServingContext, req: ChatCompletionRequest, writer: Chunk
     async for _, out in merge(streams):
         for delta in out.outputs:
             writer.completion_tokens += len(delta.token_ids)
-            logprobs = {"content": chat_logprobs(ctx.tokenizer, delta.logprobs or [])} if req.logprobs else None
+            logprobs = {"content": chat_logprobs(ctx.tokenizer, delta.logprobs or [], req.return_tokens_as_token_ids)} \
+                if req.logprobs else None
             if not delta.text and logprobs is None and delta.finish_reason is None:
                 continue  # text held back (a possible stop string or a partial character)
             choice = {"index": delta.index, "delta": {"content": delta.text} if delta.text else {},

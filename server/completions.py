@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from engine.outputs import TokenLogprob
 from server.errors import APIError
 from server.generation import (
     ChoiceState,
@@ -23,6 +22,7 @@ from server.generation import (
     sse_response,
     usage_dict,
 )
+from server.logprobs import check_prompt_logprobs_size, completion_logprobs, prompt_logprobs_json, with_top
 from server.protocol import CompletionRequest
 
 
@@ -43,21 +43,6 @@ def _prompts(prompt) -> list[str | list[int]]:
     return prompts
 
 
-def completion_logprobs(tokenizer, logprobs: list[TokenLogprob], offset: int) -> tuple[dict, int]:
-    """OpenAI's legacy logprobs object for some tokens, whose text starts at character `offset` of the choice."""
-    tokens, token_logprobs, top, offsets = [], [], [], []
-    for lp in logprobs:
-        text = tokenizer.token_text(lp.token_id)
-        tokens.append(text)
-        token_logprobs.append(lp.logprob)
-        alternatives = {tokenizer.token_text(t): v for t, v in lp.top}
-        alternatives.setdefault(text, lp.logprob)
-        top.append(alternatives)
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}, offset
-
-
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request) -> Response:
     ctx.check_model(req.model)
     ctx.check_serving()
@@ -66,12 +51,15 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         raise APIError(400, "suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, f"best_of must equal n ({req.n}): ranking extra samples is not supported", "best_of")
-    if req.echo and req.logprobs is not None:
-        raise APIError(400, "echo together with logprobs would need prompt logprobs, which are not supported; "
-                            "use one or the other", "echo")
+    if req.stream and req.prompt_logprobs is not None:
+        raise APIError(400, "prompt_logprobs is not available when stream is true; echo with logprobs streams the "
+                            "prompt's logprobs in its first chunk", "prompt_logprobs")
     prompts = _prompts(req.prompt)
+    # echo with logprobs reports the prompt's tokens too, with as many alternatives as the completion's.
+    echo_logprobs = req.logprobs if req.echo else None
+    scored = [k for k in (echo_logprobs, req.prompt_logprobs) if k is not None]
     params = sampling_params(req, ctx.engine.info.generation_defaults, max_tokens=req.max_tokens,
-                             logprobs=req.logprobs)
+                             logprobs=req.logprobs, prompt_logprobs=max(scored) if scored else None)
     request_id = new_request_id("cmpl")
     tokenizer = ctx.tokenizer
 
@@ -84,31 +72,43 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         return out
 
     prepared = await ctx.off_loop(prepare)
+    check_prompt_logprobs_size(prepared, req.n, "prompt_logprobs" if req.prompt_logprobs is not None else "logprobs")
+    prompt_ids = [r.prompt_token_ids for r in prepared]
     echoes = [""] * len(prompts)
     if req.echo:
         echoes = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
+    as_ids = req.return_tokens_as_token_ids
     log = admit(ctx, request_id, prepared)
     if req.stream:
         writer = ChunkWriter({"id": request_id, "object": "text_completion", "created": now(),
                               "model": ctx.model_name}, req, log)
-        return sse_response(ctx, _events(ctx, req, writer, log.streams, echoes), log)
+        return sse_response(ctx, _events(ctx, req, writer, log.streams, echoes, prompt_ids), log)
 
     async def collect() -> Response:
         n = req.n
         choices = [[ChoiceState() for _ in range(n)] for _ in prompts]
+        prompt_logprobs: list[list | None] = [None] * len(prompts)
         async for i, out in merge(log.streams):
+            if out.prompt_logprobs is not None:
+                prompt_logprobs[i] = out.prompt_logprobs
             for delta in out.outputs:
                 choices[i][delta.index].add(delta)
         body_choices, completion_tokens = [], 0
         for i, per_prompt in enumerate(choices):
+            shown = None if req.prompt_logprobs is None else prompt_logprobs_json(
+                tokenizer, with_top(prompt_logprobs[i], req.prompt_logprobs), as_ids)
             for j, state in enumerate(per_prompt):
                 completion_tokens += len(state.token_ids)
                 logprobs = None
                 if req.logprobs is not None:
-                    logprobs, _ = completion_logprobs(tokenizer, state.logprobs, len(echoes[i]))
+                    ids, lps = state.token_ids, state.logprobs
+                    if req.echo:
+                        ids, lps = prompt_ids[i] + ids, with_top(prompt_logprobs[i], req.logprobs) + lps
+                    logprobs, _ = completion_logprobs(tokenizer, ids, lps, 0, as_ids)
                 body_choices.append({
                     "index": i * n + j, "text": echoes[i] + "".join(state.text), "logprobs": logprobs,
                     "finish_reason": state.finish_reason, "stop_reason": state.stop_reason,
+                    "prompt_logprobs": shown,
                 })
         return JSONResponse({
             "id": request_id, "object": "text_completion", "created": now(), "model": ctx.model_name,
@@ -120,20 +120,32 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
 
 
 async def _events(ctx: ServingContext, req: CompletionRequest, writer: ChunkWriter, streams,
-                  echoes: list[str]) -> AsyncIterator[str]:
+                  echoes: list[str], prompt_ids: list[list[int]]) -> AsyncIterator[str]:
     n = req.n
-    offsets = [len(echoes[index // n]) for index in range(len(echoes) * n)]  # text_offset of the next token
-    if req.echo:
-        for index in range(len(offsets)):
-            yield writer.event([{"index": index, "text": echoes[index // n], "logprobs": None,
-                                 "finish_reason": None, "stop_reason": None}])
+    offsets = [0] * (len(echoes) * n)  # text_offset of each choice's next token
+    echoed = [not req.echo] * len(offsets)
+    prompt_logprobs: list[list | None] = [None] * len(echoes)
+    as_ids = req.return_tokens_as_token_ids
     async for i, out in merge(streams):
+        if out.prompt_logprobs is not None:
+            prompt_logprobs[i] = out.prompt_logprobs
         for delta in out.outputs:
-            writer.completion_tokens += len(delta.token_ids)
             index = i * n + delta.index
+            if not echoed[index]:
+                # The prompt comes first, in its own chunk, once its logprobs are known: the request's first
+                # output carries them, and it comes no later than this choice's first output.
+                echoed[index] = True
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs, offsets[index] = completion_logprobs(
+                        ctx.tokenizer, prompt_ids[i], with_top(prompt_logprobs[i], req.logprobs), 0, as_ids)
+                yield writer.event([{"index": index, "text": echoes[i], "logprobs": logprobs,
+                                     "finish_reason": None, "stop_reason": None}])
+            writer.completion_tokens += len(delta.token_ids)
             logprobs = None
             if req.logprobs is not None:
-                logprobs, offsets[index] = completion_logprobs(ctx.tokenizer, delta.logprobs or [], offsets[index])
+                logprobs, offsets[index] = completion_logprobs(ctx.tokenizer, delta.token_ids, delta.logprobs or [],
+                                                               offsets[index], as_ids)
             if not delta.text and logprobs is None and delta.finish_reason is None:
                 continue  # text held back (a possible stop string or a partial character)
             yield writer.event([{"index": index, "text": delta.text, "logprobs": logprobs,

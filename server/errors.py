@@ -80,13 +80,16 @@ _UNION_FIELDS = {
 }
 
 
-def _allowed_ranges() -> dict[str, str]:
-    """Field name -> its allowed range as text ("[0, 2]", "(0, 1]", ">= 1"), read from the request models' declared
-    bounds, so that a range error states the whole range and not only the bound that was crossed."""
+def _allowed_ranges() -> dict[str, dict[str, str]]:
+    """Route -> field name -> its allowed range as text ("[0, 2]", "(0, 1]", ">= 1"), read from the request models'
+    declared bounds, so that a range error states the whole range and not only the bound that was crossed. Per
+    route, because a field may differ (max_tokens: 0 scores a completion's prompt; a chat needs 1)."""
     from server import protocol
 
-    ranges: dict[str, str] = {}
-    for model in (protocol.CompletionRequest, protocol.ChatCompletionRequest):
+    routes = {"/v1/completions": protocol.CompletionRequest, "/v1/chat/completions": protocol.ChatCompletionRequest}
+    by_route: dict[str, dict[str, str]] = {}
+    for route, model in routes.items():
+        ranges = by_route[route] = {}
         for name, info in model.model_fields.items():
             low = high = None
             for meta in info.metadata:
@@ -102,7 +105,7 @@ def _allowed_ranges() -> dict[str, str]:
                 ranges[name] = f"{'>=' if low[0] == '[' else '>'} {_num(low[1])}"
             elif high:
                 ranges[name] = f"{'<=' if high[0] == ']' else '<'} {_num(high[1])}"
-    return ranges
+    return by_route
 
 
 def _num(value: float) -> str:
@@ -112,7 +115,7 @@ def _num(value: float) -> str:
 _RANGE_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal"})
 
 
-def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
+def describe_validation_error(exc: RequestValidationError, route: str = "") -> tuple[str, str | None]:
     """One readable line naming the field and what is allowed, from pydantic's error list."""
     errors = exc.errors()
     if not errors:
@@ -134,8 +137,9 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     message = first.get("msg", "invalid value")
     if first.get("type") == "missing":
         return f"'{where}' is required", param
-    if first.get("type") in _RANGE_ERRORS and len(loc) == 1 and loc[0] in _RANGES:
-        return f"'{where}' must be {_RANGES[loc[0]]}, got {_short(first.get('input'))}", param
+    ranges = _RANGES.get(route, {})
+    if first.get("type") in _RANGE_ERRORS and len(loc) == 1 and loc[0] in ranges:
+        return f"'{where}' must be {ranges[loc[0]]}, got {_short(first.get('input'))}", param
     value = first.get("input")
     shown = "" if isinstance(value, (dict, list)) else f", got {_short(value)}"
     return f"'{where}': {message}{shown}", param
@@ -159,7 +163,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = describe_validation_error(exc)
+        message, param = describe_validation_error(exc, request.url.path)
         return error_response(400, message, param)
 
     @app.exception_handler(Exception)

@@ -74,7 +74,7 @@ def new_request_id(prefix: str) -> str:
 
 
 def sampling_params(req: SamplingFields, defaults: Mapping[str, Any], *, max_tokens: int | None,
-                    logprobs: int | None) -> SamplingParams:
+                    logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     """Map API fields onto SamplingParams. Fields the client left out take the model's generation_config.json
     values (as vLLM does), then the library defaults."""
 
@@ -97,6 +97,7 @@ def sampling_params(req: SamplingFields, defaults: Mapping[str, Any], *, max_tok
         include_stop_str_in_output=req.include_stop_str_in_output,
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
     )
 

@@ -22,6 +22,9 @@ MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS = 1024
 MAX_PROMPTS = 256  # prompts in one batched completions request
 MAX_CACHE_SALT_CHARS = 1024
+# Prompt logprobs one response may carry: prompt tokens x (top logprobs + 1), summed over prompts and choices. About
+# 100 bytes of JSON each, so up to ~200 MB: a 2,048-token prompt with 20 alternatives in 48 choices.
+MAX_PROMPT_LOGPROB_ENTRIES = 2**21
 
 
 
@@ -79,6 +82,11 @@ class SamplingFields(_Strict):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
+        "vLLM: the logprob of each prompt token given the tokens before it, with this many most likely "
+        "alternatives (0: the prompt token's own only). Not with stream: true."))
+    return_tokens_as_token_ids: bool = Field(False, description=(
+        "vLLM: name tokens in logprobs as 'token_id:N' rather than by their text."))
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS,
                                    description="Requests share prefix-cache blocks only with requests of the same salt.")
 
@@ -90,7 +98,8 @@ class CompletionRequest(SamplingFields):
         TokenIds,
         Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)],
     ]
-    max_tokens: Int | None = Field(16, ge=1)
+    max_tokens: Int | None = Field(16, ge=0, description="0 generates nothing: with echo and logprobs (or "
+                                                           "prompt_logprobs) it scores the prompt")
     logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -181,12 +190,24 @@ class CompletionLogprobs(_Out):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptTokenLogprob(_Out):
+    logprob: float
+    rank: int = Field(description="1 for the most likely token")
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: per prompt token, null for the first, else {token id: ...} for the prompt token itself
+# and then its most likely alternatives.
+PromptLogprobs = list[dict[str, PromptTokenLogprob] | None]
+
+
 class CompletionChoice(_Out):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort"] | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(_Out):
@@ -234,6 +255,7 @@ class ChatCompletionResponse(_Out):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ModelCard(_Out):
@@ -260,6 +282,20 @@ class TokenizeResponse(_Out):
     token_strs: list[str] | None = Field(
         None, description="Each token as the vocabulary spells it (e.g. 'Ġthe' in a byte-level BPE), with "
                           "return_token_strs: true; null otherwise.")
+
+
+class TokenizerInfoResponse(_Out):
+    """vLLM's /tokenizer_info: what a client needs to tokenize as the server does (lm-evaluation-harness's remote
+    tokenizer reads it)."""
+
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    chat_template: str | None
+    model_max_length: int = Field(description="The tokenizer's own limit, else the server's max_model_len.")
+    vocab_size: int
 
 
 class DetokenizeResponse(_Out):

@@ -39,16 +39,16 @@ def test_prompt_longer_than_max_model_len_is_rejected(llm):
     assert not llm.engine.has_unfinished_requests() and llm.engine.core.pool.num_free == 64
 
 
-@pytest.mark.parametrize("bad", [0, -1])
-def test_max_tokens_must_be_positive(bad):
-    with pytest.raises(ValidationError, match="max_tokens must be >= 1") as e:
-        SamplingParams(max_tokens=bad)
+def test_max_tokens_must_not_be_negative():
+    with pytest.raises(ValidationError, match="max_tokens must be >= 0") as e:
+        SamplingParams(max_tokens=-1)
     assert e.value.param == "max_tokens"
 
 
 @pytest.mark.parametrize("field,value,allowed", [
     ("temperature", -0.5, r"\[0.0, 100.0\]"), ("top_p", 0.0, r"\(0.0, 1.0\]"), ("top_k", -2, ">= 0"),
     ("min_p", 1.5, r"\[0.0, 1.0\]"), ("presence_penalty", 3.0, r"\[-2.0, 2.0\]"), ("logprobs", 21, r"\[0, 20\]"),
+    ("prompt_logprobs", 21, r"\[0, 20\]"), ("prompt_logprobs", -1, r"\[0, 20\]"),
     ("n", 0, r"\[1, 128\]"), ("repetition_penalty", 0.0, r"\(0.0"), ("stop", [""], "non-empty"),
 ])
 def test_sampling_params_errors_name_field_and_range(field, value, allowed):

@@ -66,3 +66,47 @@ def test_greedy_and_logprobs_match_transformers(kind, make_ckpt, hf_model):
             torch.testing.assert_close(got_vals, ref_top.values, atol=1e-4, rtol=0)
             assert lp.token_id == ref_ids[step]
             assert abs(lp.logprob - ref[lp.token_id].item()) < 1e-4
+
+
+# The five architectures (the other kinds differ only in how their files are stored).
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+
+
+def assert_prompt_logprobs(got, prompt: list[int], ref: torch.Tensor, top: int, where: str) -> None:
+    """got: an engine's prompt logprobs; ref: transformers' [len(prompt), vocab] log-softmax over the prompt."""
+    assert len(got) == len(prompt) and got[0] is None, where
+    for j in range(1, len(prompt)):
+        lp, row = got[j], ref[j - 1]
+        value = row[prompt[j]].item()
+        assert lp.token_id == prompt[j], where
+        assert abs(lp.logprob - value) < 1e-4, f"{where}: token {j}: {lp.logprob} vs {value}"
+        # The rank counts the tokens more likely than it; tokens within fp32 noise of it may fall either way.
+        assert 1 + (row > value + 1e-4).sum() <= lp.rank <= 1 + (row > value - 1e-4).sum(), f"{where}: rank, {j}"
+        # Each alternative's logprob is transformers' for that id, and together they are a top-k (ties again
+        # within noise may be ordered either way).
+        assert len(lp.top) == top and len({t for t, _ in lp.top}) == top, where
+        kth = torch.topk(row, top).values[-1].item()
+        for token, logprob in lp.top:
+            assert abs(logprob - row[token].item()) < 1e-4 and logprob > kth - 1e-4, f"{where}: top at {j}"
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_prompt_logprobs_match_transformers(kind, make_ckpt, hf_model):
+    path = make_ckpt(kind)
+    # A 24-token budget splits the longer prompts over up to three steps, next to other prompts' chunks, and 20
+    # blocks of 4 tokens hold one long sample, or a few short ones: later chunks preempt the newest sequences.
+    llm = LLM(str(path), block_size=4, max_model_len=80, max_num_batched_tokens=24, num_kv_blocks=20)
+    tok = llm.get_tokenizer()
+    prompts = [tok.encode(p) for p in PARITY_PROMPTS]
+    # The longest prompt's first blocks are in the prefix cache now; prompt logprobs must not use them.
+    llm.generate(prompts[-1:], SamplingParams(max_tokens=1), use_tqdm=False)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=TOP, n=2)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    model = hf_model(path)
+    for prompt, out in zip(prompts, outputs):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+        assert out.num_cached_tokens == 0
+        assert [len(c.token_ids) for c in out.outputs] == [6, 6]
+        assert_prompt_logprobs(out.prompt_logprobs, prompt, ref, TOP, f"{kind}, a {len(prompt)}-token prompt")
+    assert llm.engine.core.scheduler.num_preemptions > 0

@@ -413,6 +413,8 @@ case("completions-max_tokens-5000-digit-integer",  # more digits than Python's i
 for _name, _route in ROUTES.items():
     for _field, _value in [("max_tokens", -1), ("max_tokens", 0), ("n", 10**6), ("temperature", -0.5),
                            ("top_p", 0), ("top_p", 1.0000001), ("top_k", -2)]:
+        if _route == COMPLETIONS and (_field, _value) == ("max_tokens", 0):
+            continue  # completions take 0: the prompt is scored, nothing is generated (test_prompt_logprobs.py)
         case(f"{_name}-{_field}={_value}", fields(_route, **{_field: _value}), 400, _field, [_field])
     for _value in (10**12, 2**64, 10**400):  # fits no context: 400 naming max_tokens and the limit
         _id = "10**400" if _value == 10**400 else str(_value)

@@ -183,14 +183,15 @@ RANGE_CASES = [
         ("presence_penalty", 2.5, "2"),
         ("frequency_penalty", -3, "-2"),
         ("frequency_penalty", 3, "2"),
-        ("max_tokens", 0, "1"),
-        ("max_tokens", -5, "1"),
         ("min_p", 1.5, "1"),
         ("repetition_penalty", 0, "0"),
         ("logit_bias", {"5": 101}, "100"),
         ("logit_bias", {"5": -101}, "-100"),
     ]],
     (COMPLETIONS, "logprobs", 21, "20"),
+    (COMPLETIONS, "max_tokens", -5, "0"),  # 0 scores the prompt without generating (test_prompt_logprobs.py)
+    (CHAT, "max_tokens", 0, "1"),
+    (CHAT, "max_tokens", -5, "1"),
     (CHAT, "max_completion_tokens", 0, "1"),
 ]
 
@@ -204,7 +205,7 @@ def test_out_of_range_parameter_is_400_naming_field_and_bound(http, route, field
 
 @pytest.mark.parametrize(("field", "value", "allowed"), [
     ("temperature", 2.5, "in [0, 2]"), ("top_p", 0, "in (0, 1]"), ("n", 17, "in [1, 16]"),
-    ("presence_penalty", -3, "in [-2, 2]"), ("max_tokens", 0, ">= 1"), ("top_k", -2, ">= -1"),
+    ("presence_penalty", -3, "in [-2, 2]"), ("max_tokens", -1, ">= 0"), ("top_k", -2, ">= -1"),
 ])
 def test_range_error_states_the_whole_allowed_range(http, field, value, allowed):
     message = assert_error(http.post(COMPLETIONS, json={**BASE[COMPLETIONS], field: value}), 400, field)
@@ -267,7 +268,14 @@ INVALID_CASES = [
      ["messages", "content", "text"]),
     # more refusals server/completions.py and server/chat.py promise
     ("best-of-not-n", COMPLETIONS, {"best_of": 3}, "best_of", ["best_of"]),
-    ("echo-with-logprobs", COMPLETIONS, {"echo": True, "logprobs": 1}, "echo", ["echo", "logprobs"]),
+    ("prompt-logprobs-streamed", COMPLETIONS, {"prompt_logprobs": 1, "stream": True}, "prompt_logprobs",
+     ["prompt_logprobs", "stream"]),
+    ("chat-prompt-logprobs-streamed", CHAT, {"prompt_logprobs": 0, "stream": True}, "prompt_logprobs",
+     ["prompt_logprobs", "stream"]),
+    ("prompt-logprobs-over-21", COMPLETIONS, {"prompt_logprobs": 21}, "prompt_logprobs", ["prompt_logprobs", "20"]),
+    # 128 prompts x 100 tokens x (20 + 1) entries x 16 choices = 4,300,800 > 2**21
+    ("prompt-logprobs-response-too-large", COMPLETIONS, {"prompt": [[5] * 100] * 128, "n": 16, "prompt_logprobs": 20},
+     "prompt_logprobs", ["prompt_logprobs", "4300800", str(2**21)]),
     ("continue-final-message-with-generation-prompt", CHAT, {"continue_final_message": True}, "continue_final_message",
      ["continue_final_message", "add_generation_prompt"]),
     ("chat-template-kwargs-reserved", CHAT, {"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs",

@@ -223,6 +223,79 @@ def test_echo_prepends_the_prompt(client):
     assert response.choices[0].text == "The quick brown fox" + plain.choices[0].text
 
 
+# ---- scoring: echo with logprobs, max_tokens 0, prompt_logprobs ----------------------------------------------------
+
+
+def test_echo_logprobs_with_max_tokens_0_scores_the_prompt_as_the_engine_does(client, offline):
+    prompt = PARITY_PROMPTS[4]
+    expected = offline.generate(prompt, greedy(max_tokens=0, prompt_logprobs=5), use_tqdm=False)[0]
+    tok = offline.get_tokenizer()
+    response = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=5, max_tokens=0)
+    choice = response.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert response.usage.completion_tokens == 0 and response.usage.prompt_tokens == len(expected.prompt_token_ids)
+    lp = choice.logprobs
+    assert lp.tokens == [tok.token_text(t) for t in expected.prompt_token_ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([x.logprob for x in expected.prompt_logprobs[1:]], abs=1e-5)
+    for top, want in zip(lp.top_logprobs[1:], expected.prompt_logprobs[1:]):
+        assert {tok.token_text(t): v for t, v in want.top}.items() <= top.items()
+        assert len(top) in (5, 6)  # the top 5, plus the prompt token when it is not among them
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+
+def test_echo_logprobs_report_the_prompt_then_the_completion_streamed_or_not(client, offline):
+    prompt = PARITY_PROMPTS[0]
+    expected = offline.generate(prompt, greedy(max_tokens=4, logprobs=2, prompt_logprobs=2), use_tqdm=False)[0]
+    kw = dict(model=MODEL, prompt=prompt, echo=True, logprobs=2, max_tokens=4, temperature=0)
+    whole = client.completions.create(**kw).choices[0]
+    want = [None] + [x.logprob for x in expected.prompt_logprobs[1:]] + [x.logprob for x in expected.outputs[0].logprobs]
+    assert whole.logprobs.token_logprobs[0] is None
+    assert whole.logprobs.token_logprobs[1:] == pytest.approx(want[1:], abs=1e-5)
+    assert whole.text == prompt + expected.outputs[0].text
+    # Streamed: the prompt comes first, in a chunk of its own with its logprobs, then the completion's tokens.
+    chunks = [c.choices[0] for c in client.completions.create(**kw, stream=True)]
+    assert chunks[0].text == prompt and len(chunks[0].logprobs.tokens) == len(expected.prompt_token_ids)
+    assert "".join(c.text for c in chunks) == whole.text
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for c in chunks for x in getattr(c.logprobs, field)] == getattr(whole.logprobs, field)
+
+
+def test_prompt_logprobs_in_vllm_shape_on_completions_and_chat(client, offline, server):
+    expected = offline.generate([[5, 6, 7, 8, 9]], greedy(max_tokens=1, prompt_logprobs=2), use_tqdm=False)[0]
+    response = client.completions.create(model=MODEL, prompt=[5, 6, 7, 8, 9], max_tokens=1, temperature=0, n=2,
+                                         extra_body={"prompt_logprobs": 2, "return_tokens_as_token_ids": True})
+    for choice in response.choices:
+        got = choice.model_extra["prompt_logprobs"]
+        assert got[0] is None and len(got) == 5
+        for entry, want in zip(got[1:], expected.prompt_logprobs[1:]):
+            first = next(iter(entry))  # the prompt token itself comes first, then its top 2
+            assert int(first) == want.token_id and entry[first]["rank"] == want.rank
+            assert entry[first]["decoded_token"] == f"token_id:{want.token_id}"
+            assert entry[first]["logprob"] == pytest.approx(want.logprob, abs=1e-5)
+            for rank, (token, value) in enumerate(want.top, start=1):
+                assert entry[str(token)]["logprob"] == pytest.approx(value, abs=1e-5)
+                assert str(token) == first or entry[str(token)]["rank"] == rank
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        body = http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 1,
+                                                        "prompt_logprobs": 0}).json()
+        ids = http.post("/tokenize", json={"model": MODEL, "messages": CHAT}).json()["tokens"]
+    chat = offline.generate([ids], greedy(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0].prompt_logprobs
+    assert len(body["prompt_logprobs"]) == len(ids) and body["prompt_logprobs"][0] is None
+    for entry, want in zip(body["prompt_logprobs"][1:], chat[1:]):
+        assert list(entry) == [str(want.token_id)]
+        assert entry[str(want.token_id)]["logprob"] == pytest.approx(want.logprob, abs=1e-5)
+
+
+def test_tokenizer_info_describes_the_served_tokenizer(server, offline):
+    tok = offline.get_tokenizer()
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        info = http.get("/tokenizer_info").json()
+    assert info["eos_token"] == tok.special_tokens["eos_token"] and info["bos_token"] == tok.special_tokens.get("bos_token")
+    assert info["chat_template"] == tok.chat_template and info["vocab_size"] == tok.vocab_size
+    assert info["tokenizer_class"]
+
+
 def test_models_lists_the_served_name(client):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
