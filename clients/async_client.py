@@ -38,6 +38,7 @@ from clients.types import (
     DetokenizeResult,
     ModelList,
     TokenizeResult,
+    TokenizerInfo,
     Usage,
     text_of,
 )
@@ -145,6 +146,9 @@ class AsyncClient:
     async def detokenize(self, tokens: list[int], *, model: str | None = None) -> DetokenizeResult:
         body: dict[str, Any] = {"tokens": tokens, **({"model": model} if model else {})}
         return parse_json(await self._request("POST", "/detokenize", body), DetokenizeResult)
+
+    async def tokenizer_info(self) -> TokenizerInfo:
+        return parse_json(await self._request("GET", "/tokenizer_info"), TokenizerInfo)
 
     async def health(self) -> bool:
         """True when the server is ready (200), False when it answers 503 (engine down, or draining)."""

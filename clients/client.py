@@ -40,6 +40,7 @@ from clients.types import (
     DetokenizeResult,
     ModelList,
     TokenizeResult,
+    TokenizerInfo,
     Usage,
     text_of,
 )
@@ -149,6 +150,9 @@ class Client:
     def detokenize(self, tokens: list[int], *, model: str | None = None) -> DetokenizeResult:
         body: dict[str, Any] = {"tokens": tokens, **({"model": model} if model else {})}
         return parse_json(self._request("POST", "/detokenize", body), DetokenizeResult)
+
+    def tokenizer_info(self) -> TokenizerInfo:
+        return parse_json(self._request("GET", "/tokenizer_info"), TokenizerInfo)
 
     def health(self) -> bool:
         """True when the server is ready (200), False when it answers 503 (engine down, or draining)."""

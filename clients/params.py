@@ -49,6 +49,8 @@ class _SamplingParams(TypedDict, total=False):
     ignore_eos: bool
     skip_special_tokens: bool
     include_stop_str_in_output: bool
+    prompt_logprobs: int
+    return_tokens_as_token_ids: bool
     # client-side: merged into the body / the request's timeout in seconds
     extra_body: dict[str, Any]
     timeout: float

@@ -29,12 +29,23 @@ class CompletionLogprobs(_Model):
     text_offset: list[int] = []
 
 
+class PromptTokenLogprob(_Model):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: per prompt token, None for the first, else {token id (as a string): its logprob entry}.
+PromptLogprobs = list[dict[str, PromptTokenLogprob] | None]
+
+
 class CompletionChoice(_Model):
     index: int
     text: str = ""
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class Completion(_Model):
@@ -92,6 +103,7 @@ class ChatCompletion(_Model):
     choices: list[ChatChoice] = []
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
     @property
     def text(self) -> str:
@@ -150,6 +162,19 @@ class TokenizeResult(_Model):
 
 class DetokenizeResult(_Model):
     prompt: str
+
+
+class TokenizerInfo(_Model):
+    """vLLM's /tokenizer_info: the served tokenizer's special tokens, chat template and limits."""
+
+    tokenizer_class: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    chat_template: str | None = None
+    model_max_length: int | None = None
+    vocab_size: int | None = None
 
 
 def text_of(chunk: Completion | ChatCompletionChunk) -> str:

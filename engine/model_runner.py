@@ -56,7 +56,7 @@ class _PromptSlice:
     num_top: int
 
 
-def _prompt_slice(seq: Sequence, n: int, first_row: int) -> list[_PromptSlice]:
+def _prompt_slice(seq: Sequence, n: int, first_row: int) -> _PromptSlice | None:
     """The prompt tokens that seq's n tokens this step (rows from first_row) score, beyond those it has: the logits
     at position q give the logprob of token q + 1, for q + 1 up to the last prompt token. After a preemption the
     recomputed positions whose logprobs it already has are skipped."""
@@ -65,9 +65,9 @@ def _prompt_slice(seq: Sequence, n: int, first_row: int) -> list[_PromptSlice]:
     assert have - 1 >= start, (seq, have)  # no gap: the prefix cache is not read while some are missing
     first, stop = have - 1, min(start + n, seq.num_prompt_tokens - 1)
     if stop <= first:
-        return []
-    return [_PromptSlice(seq.seq_id, first_row + first - start, seq.token_ids[first + 1 : stop + 1],
-                         seq.params.prompt_logprobs)]
+        return None
+    return _PromptSlice(seq.seq_id, first_row + first - start, seq.token_ids[first + 1 : stop + 1],
+                        seq.params.prompt_logprobs)
 
 
 class ModelRunner:
@@ -245,8 +245,9 @@ class ModelRunner:
         scoring: list[_PromptSlice] = []
         end = 0
         for (seq, n), sample in zip(scheduled, samples):
-            if seq.needs_prompt_logprobs:
-                scoring.extend(_prompt_slice(seq, n, end))
+            piece = _prompt_slice(seq, n, end) if seq.needs_prompt_logprobs else None
+            if piece is not None:
+                scoring.append(piece)
             end += n
             if sample:
                 sampling.append(seq)

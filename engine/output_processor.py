@@ -166,8 +166,8 @@ class OutputProcessor:
     def _detokenize(self, sample: _Sample, out: CoreOutput) -> CompletionOutput:
         """The text a new token adds; a stop string found in it ends the sample."""
         detok = sample.detokenizer
-        reason, stop_reason = out.finish_reason, out.stop_reason
         sample.token_ids.append(out.token_id)
+        reason, stop_reason = out.finish_reason, out.stop_reason
         if reason == "stop":
             # Ended by eos or a stop token: that token is not part of the text.
             text = detok.flush()

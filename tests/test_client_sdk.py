@@ -138,11 +138,30 @@ def test_extra_body_and_vllm_fields_reach_the_server(client):
     assert out.usage.completion_tokens == 5
 
 
+def test_scoring_fields_are_typed(client):
+    """echo + logprobs with max_tokens 0, and vLLM's prompt_logprobs, read back as typed objects."""
+    scored = client.completions.create(prompt="The sky is blue", max_tokens=0, echo=True, logprobs=1,
+                                       prompt_logprobs=1, return_tokens_as_token_ids=True)
+    choice = scored.choices[0]
+    assert choice.text == "The sky is blue" and choice.finish_reason == "length" and scored.usage.completion_tokens == 0
+    assert choice.logprobs.token_logprobs[0] is None and all(x < 0 for x in choice.logprobs.token_logprobs[1:])
+    assert all(t.startswith("token_id:") for t in choice.logprobs.tokens)
+    assert choice.prompt_logprobs[0] is None and len(choice.prompt_logprobs) == len(choice.logprobs.tokens)
+    for entry, tok, value in zip(choice.prompt_logprobs[1:], choice.logprobs.tokens[1:],
+                                 choice.logprobs.token_logprobs[1:]):
+        own = entry[tok.removeprefix("token_id:")]  # the prompt token's own entry
+        assert own.logprob == value and own.decoded_token == tok and own.rank >= 1
+    chat = client.chat.completions.create(messages=MESSAGES, max_tokens=1, prompt_logprobs=0)
+    assert chat.prompt_logprobs[0] is None and all(len(e) == 1 for e in chat.prompt_logprobs[1:])
+
+
 def test_models_tokenize_detokenize_health_metrics(client):
     models = client.models.list()
     assert [m.id for m in models] == [MODEL] and models.data[0].max_model_len == 256
     tok = client.tokenize("hello world")
     assert tok.count == len(tok.tokens) > 0 and tok.max_model_len == 256
+    info = client.tokenizer_info()
+    assert client.tokenize(info.bos_token, add_special_tokens=False).count == 1 and info.vocab_size > max(tok.tokens)
     assert client.detokenize(tok.tokens).prompt.endswith("hello world")
     chat_tok = client.tokenize(messages=MESSAGES, return_token_strs=True)
     assert len(chat_tok.token_strs) == chat_tok.count > tok.count
@@ -183,6 +202,8 @@ def test_async_client_every_method(server):
             assert [m.id for m in await c.models.list()] == [MODEL]
             tok = await c.tokenize("hello")
             assert (await c.detokenize(tok.tokens)).prompt.endswith("hello")
+            info = await c.tokenizer_info()
+            assert (await c.tokenize(info.eos_token, add_special_tokens=False)).count == 1  # a special token
             assert await c.health() is True
             assert (await c.metrics()).value("attnserve_generation_tokens_total") >= 8 + 8 + 6 + 6
             with pytest.raises(BadRequest):
