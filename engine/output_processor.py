@@ -70,7 +70,7 @@ class OutputProcessor:
         info, max_len = self.info, self.info.max_model_len
         params = params if params is not None else self.default_sampling_params()
         if isinstance(prompt, str):
-            text, ids = prompt, self.tokenizer.encode(prompt)
+            text, ids = prompt, self.tokenizer.encode(prompt, max_tokens=max_len, what="the prompt")
         elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             text, ids = None, list(prompt)
         else:

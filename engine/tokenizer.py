@@ -9,6 +9,7 @@ tokenizer.json exists). This module does the same with the `tokenizers` library 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from tokenizers import AddedToken
 from engine.chat_template import normalize_messages, render_chat_template
 from engine.config import read_json
 from engine.errors import ModelLoadError, ValidationError
+from engine.token_bound import max_chars_per_token, min_tokens
 
 # The named special tokens transformers knows; their strings are also visible to chat templates.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -100,8 +102,23 @@ class Tokenizer:
 
     # ----- encoding and decoding -----
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None,
+               what: str = "the prompt") -> list[int]:
+        """Token ids of text. With max_tokens, a text that certainly encodes to more tokens is refused before it is
+        tokenized (a ValidationError on "prompt" that calls the text `what`), in time proportional to the limit's
+        worth of text rather than to the text (engine/token_bound.py)."""
+        if max_tokens is not None and len(text) > max_tokens:
+            at_least = min_tokens(self._backend, self._chars_per_token, text)
+            if at_least > max_tokens:
+                raise ValidationError(
+                    f"{what} is too long: its {len(text)} characters make at least {at_least} tokens, and this "
+                    f"model's maximum context length is {max_tokens} tokens", "prompt")
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @functools.cached_property
+    def _chars_per_token(self) -> int | None:
+        """engine/token_bound.py's bound for this tokenizer, read from the vocabulary on the first long text."""
+        return max_chars_per_token(self._backend)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -30,8 +30,9 @@ from server.protocol import ChatCompletionRequest
 _RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "add_generation_prompt", "chat_template", "documents"})
 
 
-def render_prompt_ids(tokenizer, req: ChatCompletionRequest) -> list[int]:
-    """Render the conversation with the model's template and tokenize it (the template writes BOS itself)."""
+def render_prompt_ids(tokenizer, req: ChatCompletionRequest, max_model_len: int) -> list[int]:
+    """Render the conversation with the model's template and tokenize it (the template writes BOS itself). A
+    conversation that certainly exceeds max_model_len tokens is refused before it is tokenized."""
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     kwargs = dict(req.chat_template_kwargs or {})
     reserved = sorted(_RESERVED_TEMPLATE_KWARGS & kwargs.keys())
@@ -43,7 +44,8 @@ def render_prompt_ids(tokenizer, req: ChatCompletionRequest) -> list[int]:
     )
     if req.continue_final_message:
         text = _cut_after_final_message(text, messages[-1])
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=False, max_tokens=max_model_len,
+                            what="the conversation rendered by the chat template")
 
 
 def _cut_after_final_message(text: str, final: dict) -> str:
@@ -82,8 +84,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     request_id = new_request_id("chatcmpl")
 
     def prepare():
-        return [ctx.engine.prepare(render_prompt_ids(ctx.tokenizer, req), params, request_id,
-                                   cache_salt=req.cache_salt)]
+        ids = render_prompt_ids(ctx.tokenizer, req, ctx.engine.info.max_model_len)
+        return [ctx.engine.prepare(ids, params, request_id, cache_salt=req.cache_salt)]
 
     prepared = await ctx.off_loop(prepare)
     check_prompt_logprobs_size(prepared, 1, "prompt_logprobs")  # the response carries them once, not per choice

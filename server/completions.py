@@ -66,8 +66,11 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     def prepare():
         out = []
         for i, prompt in enumerate(prompts):
-            ids = tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens) if isinstance(prompt, str) \
-                else prompt
+            ids = prompt
+            if isinstance(prompt, str):
+                ids = tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens,
+                                       max_tokens=ctx.engine.info.max_model_len,
+                                       what="the prompt" if len(prompts) == 1 else f"prompt[{i}]")
             out.append(ctx.engine.prepare(ids, params, f"{request_id}-{i}", cache_salt=req.cache_salt))
         return out
 
