@@ -14,6 +14,7 @@ from server.generation import (
     ChunkWriter,
     ServingContext,
     admit,
+    check_request_size,
     check_stream_options,
     json_response,
     merge,
@@ -23,7 +24,7 @@ from server.generation import (
     sse_response,
     usage_dict,
 )
-from server.logprobs import chat_logprobs, check_prompt_logprobs_size, prompt_logprobs_json
+from server.logprobs import chat_logprobs, prompt_logprobs_json
 from server.protocol import ChatCompletionRequest
 
 # Names the renderer sets itself; chat_template_kwargs may not replace them.
@@ -88,7 +89,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         return [ctx.engine.prepare(ids, params, request_id, cache_salt=req.cache_salt)]
 
     prepared = await ctx.off_loop(prepare)
-    check_prompt_logprobs_size(prepared, 1, "prompt_logprobs")  # the response carries them once, not per choice
+    check_request_size(ctx, prepared, stream=req.stream, prompt_logprobs_per_choice=False,
+                       logprobs_param="prompt_logprobs" if req.prompt_logprobs is not None else "logprobs")
     as_ids = req.return_tokens_as_token_ids
     log = admit(ctx, request_id, prepared)
     if req.stream:

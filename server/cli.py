@@ -16,6 +16,8 @@ from server.config import (
     DEFAULT_LIMIT_CONCURRENCY,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_REQUEST_TOKENS,
+    DEFAULT_MAX_RESPONSE_LOGPROBS,
     DEFAULT_MODEL_NAME,
 )
 
@@ -152,6 +154,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     http.add_argument("--max-queued-requests", type=non_negative_int, default=1024,
                       help="requests allowed to wait for a batch slot; more get 429 with Retry-After. 0 refuses "
                            "every generation request, to test how clients handle 429 (default: 1024)")
+    http.add_argument("--max-request-tokens", type=positive_int, default=DEFAULT_MAX_REQUEST_TOKENS, metavar="N",
+                      help="tokens one request may ask to generate (prompts x n x max_tokens); more get 400 "
+                           f"(default: {DEFAULT_MAX_REQUEST_TOKENS})")
+    http.add_argument("--max-response-logprobs", type=positive_int, default=DEFAULT_MAX_RESPONSE_LOGPROBS,
+                      metavar="N", help="logprob entries one response may carry (tokens x (top logprobs + 1), prompt "
+                                        "logprobs included, generated ones only when not streamed); more get 400 "
+                                        f"(default: {DEFAULT_MAX_RESPONSE_LOGPROBS})")
     http.add_argument("--max-request-body-size", type=_size, default=DEFAULT_MAX_BODY_BYTES,
                       help="largest request body; bigger ones get 413 (default: 4MiB)")
     http.add_argument("--max-header-size", type=_size, default=DEFAULT_MAX_HEADER_BYTES,

@@ -13,6 +13,7 @@ from server.generation import (
     ChunkWriter,
     ServingContext,
     admit,
+    check_request_size,
     check_stream_options,
     json_response,
     merge,
@@ -22,7 +23,7 @@ from server.generation import (
     sse_response,
     usage_dict,
 )
-from server.logprobs import check_prompt_logprobs_size, completion_logprobs, prompt_logprobs_json, with_top
+from server.logprobs import completion_logprobs, prompt_logprobs_json, with_top
 from server.protocol import CompletionRequest
 
 
@@ -75,7 +76,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         return out
 
     prepared = await ctx.off_loop(prepare)
-    check_prompt_logprobs_size(prepared, req.n, "prompt_logprobs" if req.prompt_logprobs is not None else "logprobs")
+    check_request_size(ctx, prepared, stream=req.stream, prompt_logprobs_per_choice=True,
+                       logprobs_param="prompt_logprobs" if req.prompt_logprobs is not None else "logprobs")
     prompt_ids = [r.prompt_token_ids for r in prepared]
     echoes = [""] * len(prompts)
     if req.echo:

@@ -11,6 +11,11 @@ DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 # Above the default waiting queue (1024) plus a full batch (256), so the queue's 429 comes first under normal
 # overload; this bound is for what the queue does not count (tokenize calls, bodies still arriving, slow readers).
 DEFAULT_LIMIT_CONCURRENCY = 2048
+# Tokens one request may ask the engine to generate: prompts x n x max_tokens (256 x 16 x 256 fits).
+DEFAULT_MAX_REQUEST_TOKENS = 2**20
+# Logprob entries one response may carry: (tokens x (top logprobs + 1)) over its choices, prompt logprobs included,
+# generated tokens' only when not streamed. About 25-100 bytes of JSON each: 50-200 MB.
+DEFAULT_MAX_RESPONSE_LOGPROBS = 2**21
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,8 @@ class ServerConfig:
     log_prompts: bool = False  # include the prompt in that line (off: prompts may hold private data)
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS; empty: CORS off (no headers)
     limit_concurrency: int | None = DEFAULT_LIMIT_CONCURRENCY  # HTTP requests in flight; more get 503. None: no limit
+    max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS  # more is a 400 that says to split the request
+    max_response_logprobs: int = DEFAULT_MAX_RESPONSE_LOGPROBS  # more is a 400 that says to stream or split
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -37,6 +44,8 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
         if self.limit_concurrency is not None and self.limit_concurrency < 1:
             raise ValueError(f"limit_concurrency must be >= 1, got {self.limit_concurrency}")
+        if self.max_request_tokens < 1 or self.max_response_logprobs < 1:
+            raise ValueError("max_request_tokens and max_response_logprobs must be >= 1")
         if self.body_timeout_s <= 0:
             raise ValueError(f"body_timeout_s must be > 0, got {self.body_timeout_s}")
         if self.shutdown_timeout_s < 0:

@@ -121,6 +121,35 @@ def check_stream_options(req: SamplingFields) -> None:
         raise APIError(400, "stream_options can only be set when stream is true", "stream_options")
 
 
+def check_request_size(ctx: ServingContext, prepared: list[PreparedRequest], *, stream: bool,
+                       prompt_logprobs_per_choice: bool, logprobs_param: str) -> None:
+    """Refuse, with a 400 that says how to ask instead, a request whose generation would exceed
+    --max-request-tokens, or whose response would carry more than --max-response-logprobs logprob entries: prompt
+    logprobs (in every choice of a completion, once in a chat), and, unless streamed, the generated tokens'.
+    logprobs_param: the field an oversized response is blamed on."""
+    config = ctx.config
+    work = sum(r.max_tokens * r.params.n for r in prepared)
+    if work > config.max_request_tokens:
+        raise APIError(400, f"the request may generate {work} tokens (prompts x n x max_tokens), more than the "
+                            f"{config.max_request_tokens} one request may ask for; split it into smaller requests or "
+                            "lower max_tokens", "max_tokens")
+    prompt_entries = generated_entries = 0
+    for r in prepared:
+        if r.params.prompt_logprobs is not None:
+            choices = r.params.n if prompt_logprobs_per_choice else 1
+            prompt_entries += len(r.prompt_token_ids) * (r.params.prompt_logprobs + 1) * choices
+        if r.params.logprobs is not None and not stream:
+            generated_entries += r.max_tokens * r.params.n * (r.params.logprobs + 1)
+    entries = prompt_entries + generated_entries
+    if entries > config.max_response_logprobs:
+        # Streaming helps only with the generated tokens' share: prompt logprobs come in one piece either way.
+        stream_it = "stream it (stream: true), " if prompt_entries <= config.max_response_logprobs else ""
+        raise APIError(400, f"the logprobs asked for ({logprobs_param}) come to {entries} entries (tokens x (top "
+                            f"logprobs + 1), over prompts and choices), more than the {config.max_response_logprobs} "
+                            f"one response may hold; {stream_it}split the request, shorten it, or ask for fewer top "
+                            "logprobs", logprobs_param)
+
+
 def admit(ctx: ServingContext, request_id: str, prepared: list[PreparedRequest]) -> RequestLog:
     """Queue the requests, or refuse them all with 429 if the waiting queue cannot take them. No await between the
     check and the adds, so concurrent handlers cannot both squeeze into the last slot. The streams come back in

@@ -1,15 +1,12 @@
 """Logprobs as the API shows them: OpenAI's legacy completions object, chat's content list, and vLLM's
-prompt_logprobs; plus the bound on how many prompt logprobs one response may carry."""
+prompt_logprobs."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from engine.core import PreparedRequest
 from engine.outputs import TokenLogprob
-from server.errors import APIError
-from server.protocol import MAX_PROMPT_LOGPROB_ENTRIES
 
 
 def token_label(tokenizer, token_id: int, as_ids: bool) -> str:
@@ -56,17 +53,6 @@ def prompt_logprobs_json(tokenizer, logprobs: list[TokenLogprob | None] | None, 
                                                "decoded_token": token_label(tokenizer, token_id, as_ids)})
         out.append(entries)
     return out
-
-
-def check_prompt_logprobs_size(prepared: list[PreparedRequest], choices_per_prompt: int, param: str) -> None:
-    """Refuse a request whose prompt logprobs (asked for by the field `param`) would make an oversized response
-    (README, "Scoring")."""
-    entries = sum(len(r.prompt_token_ids) * (r.params.prompt_logprobs + 1) for r in prepared
-                  if r.params.prompt_logprobs is not None) * choices_per_prompt
-    if entries > MAX_PROMPT_LOGPROB_ENTRIES:
-        raise APIError(400, f"the prompt logprobs that {param} asks for come to {entries} entries (prompt tokens x "
-                            f"(top logprobs + 1), per choice), more than the {MAX_PROMPT_LOGPROB_ENTRIES} one response "
-                            "may hold; send fewer or shorter prompts, or ask for fewer top logprobs", param)
 
 
 def with_top(logprobs: list[TokenLogprob | None], k: int) -> list[TokenLogprob | None]:

@@ -22,9 +22,6 @@ MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS = 1024
 MAX_PROMPTS = 256  # prompts in one batched completions request
 MAX_CACHE_SALT_CHARS = 1024
-# Prompt logprobs one response may carry: prompt tokens x (top logprobs + 1), summed over prompts and choices. About
-# 100 bytes of JSON each, so up to ~200 MB: a 2,048-token prompt with 20 alternatives in 48 choices.
-MAX_PROMPT_LOGPROB_ENTRIES = 2**21
 
 
 

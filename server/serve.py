@@ -120,6 +120,7 @@ def serve(args: argparse.Namespace) -> int:
         log_requests=not args.disable_log_requests, log_prompts=args.log_prompts,
         allowed_origins=tuple(args.allowed_origins), max_header_bytes=args.max_header_size,
         body_timeout_s=args.request_body_timeout, limit_concurrency=args.limit_concurrency,
+        max_request_tokens=args.max_request_tokens, max_response_logprobs=args.max_response_logprobs,
     )
     warn_if_exposed(sock, args.api_key)
     app = build_app(async_engine, config)

@@ -842,3 +842,34 @@ def test_request_body_timeout_flag_gives_408_to_a_slow_body(llama):
         sock.close()
         with proc.client() as c:
             assert c.post(COMPLETIONS, json={"prompt": "Hello", "max_tokens": 2}).status_code == 200
+
+
+# ---- request and response size caps ---------------------------------------------------------------------------
+
+
+def test_work_and_response_caps_refuse_with_what_to_do_instead(llama):
+    caps = {"max_request_tokens": 100, "max_response_logprobs": 60}
+    with InProcessServer(llama, served_model_name=MODEL, max_model_len=MAX_MODEL_LEN, num_kv_blocks=32,
+                         server_kwargs=caps) as srv, srv.client() as c:
+        # 2 prompts x n=3 x 20 tokens = 120 > 100, streamed or not
+        for stream in (False, True):
+            body = {**BASE[COMPLETIONS], "prompt": ["a", "b"], "n": 3, "max_tokens": 20, "stream": stream}
+            message = assert_error(c.post(COMPLETIONS, json=body), 400, "max_tokens", contains=["split"])
+            assert names_number(message, "120") and names_number(message, "100"), message
+        chat = {**BASE[CHAT], "n": 6, "max_tokens": 17}  # 102 tokens
+        assert_error(c.post(CHAT, json=chat), 400, "max_tokens", contains=["102", "100"])
+        assert c.post(CHAT, json={**chat, "max_tokens": 16}).status_code == 200  # 96 tokens
+        # 20 tokens x (2 + 1) logprob entries = 60 fits; 21 tokens = 63 does not, unless streamed
+        fits = {**BASE[COMPLETIONS], "max_tokens": 20, "logprobs": 2, "ignore_eos": True}
+        assert len(c.post(COMPLETIONS, json=fits).json()["choices"][0]["logprobs"]["tokens"]) == 20
+        over = {**fits, "max_tokens": 21}
+        message = assert_error(c.post(COMPLETIONS, json=over), 400, "logprobs", contains=["63", "60", "stream"])
+        with c.stream("POST", COMPLETIONS, json={**over, "stream": True}) as r:
+            assert r.status_code == 200 and r.read().endswith(b"data: [DONE]\n\n")
+        chat_over = {**BASE[CHAT], "max_tokens": 21, "logprobs": True, "top_logprobs": 2}
+        assert_error(c.post(CHAT, json=chat_over), 400, "logprobs", contains=["63", "stream"])
+        # Prompt logprobs come in one piece, streamed or not: no advice to stream.
+        scored = {**BASE[COMPLETIONS], "prompt": [5] * 40, "prompt_logprobs": 1, "max_tokens": 1}
+        message = assert_error(c.post(COMPLETIONS, json=scored), 400, "prompt_logprobs", contains=["80"])
+        assert "stream" not in message
+        srv.wait_idle()
