@@ -170,6 +170,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     http.add_argument("--limit-concurrency", type=positive_int, default=DEFAULT_LIMIT_CONCURRENCY, metavar="N",
                       help="HTTP requests in flight at once; more get 503 with Retry-After. /health, /version and "
                            f"/metrics are never refused (default: {DEFAULT_LIMIT_CONCURRENCY})")
+    http.add_argument("--request-head-timeout", type=positive_float, default=30.0, metavar="S",
+                      help="seconds a connection may take to send a whole request head, from when it opens or its "
+                           "previous response ends; slower ones are closed (default: 30)")
+    http.add_argument("--max-connections", type=non_negative_int, default=0, metavar="N",
+                      help="open connections at once; more are closed as they arrive. Keep it under the process's "
+                           "file-descriptor limit (ulimit -n) minus ~100 for the model's files and the engine "
+                           "(default: 0, no limit)")
     http.add_argument("--timeout-keep-alive", type=positive_float, default=5.0, metavar="S",
                       help="seconds an idle keep-alive connection stays open (default: 5)")
     http.add_argument("--shutdown-timeout", type=non_negative_float, default=10.0,

@@ -32,6 +32,8 @@ class ServerConfig:
     log_prompts: bool = False  # include the prompt in that line (off: prompts may hold private data)
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS; empty: CORS off (no headers)
     limit_concurrency: int | None = DEFAULT_LIMIT_CONCURRENCY  # HTTP requests in flight; more get 503. None: no limit
+    request_head_timeout_s: float = 30.0  # a connection must send a whole request head within this; else closed
+    max_connections: int | None = None  # open connections; more are closed at once. None: no limit
     max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS  # more is a 400 that says to split the request
     max_response_logprobs: int = DEFAULT_MAX_RESPONSE_LOGPROBS  # more is a 400 that says to stream or split
 
@@ -46,6 +48,10 @@ class ServerConfig:
             raise ValueError(f"limit_concurrency must be >= 1, got {self.limit_concurrency}")
         if self.max_request_tokens < 1 or self.max_response_logprobs < 1:
             raise ValueError("max_request_tokens and max_response_logprobs must be >= 1")
+        if self.request_head_timeout_s <= 0:
+            raise ValueError(f"request_head_timeout_s must be > 0, got {self.request_head_timeout_s}")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
         if self.body_timeout_s <= 0:
             raise ValueError(f"body_timeout_s must be > 0, got {self.body_timeout_s}")
         if self.shutdown_timeout_s < 0:

@@ -27,7 +27,7 @@ from engine.errors import AttnServeError
 from engine.engine_info import EngineInfo
 from server.app import build_app
 from server.config import DEFAULT_MODEL_NAME, ServerConfig
-from server.http_protocol import JsonErrorH11Protocol
+from server.http_protocol import protocol_class
 from server.logs import DEFAULT_STATS_INTERVAL_S, STATS_INTERVAL_ENV, configure_logging, log_stats_periodically
 
 logger = logging.getLogger("attnserve")
@@ -121,6 +121,7 @@ def serve(args: argparse.Namespace) -> int:
         allowed_origins=tuple(args.allowed_origins), max_header_bytes=args.max_header_size,
         body_timeout_s=args.request_body_timeout, limit_concurrency=args.limit_concurrency,
         max_request_tokens=args.max_request_tokens, max_response_logprobs=args.max_response_logprobs,
+        request_head_timeout_s=args.request_head_timeout, max_connections=args.max_connections or None,
     )
     warn_if_exposed(sock, args.api_key)
     app = build_app(async_engine, config)
@@ -140,7 +141,8 @@ def uvicorn_config(app, config: ServerConfig, *, timeout_keep_alive: float = 5.0
                    access_log: bool = True) -> uvicorn.Config:
     """The uvicorn settings every server of ours runs with (tests included, so they see the same limits)."""
     return uvicorn.Config(app, log_config=None, lifespan="off", access_log=access_log, timeout_graceful_shutdown=5,
-                          timeout_keep_alive=timeout_keep_alive, http=JsonErrorH11Protocol,
+                          timeout_keep_alive=timeout_keep_alive,
+                          http=protocol_class(config.request_head_timeout_s, config.max_connections),
                           h11_max_incomplete_event_size=config.max_header_bytes)
 
 
