@@ -5,11 +5,12 @@
 A workload file holds {"prompts": [[token ids], ...], "output_lens": [n, ...]}: the same requests attnserve runs.
 Generation is greedy with ignore_eos, so vLLM produces exactly the requested tokens. A scoring workload
 (benchmarks/scoring.py) also has "prompt_logprobs": K: each prompt is scored (vLLM needs max_tokens >= 1, so it also
-samples one token), and the result gives prompt tokens/s and each prompt's summed logprob, for the caller to check. It loads the model, runs the
-warm-up workload (as on our side), prints `@@READY {"ready_s": ..}`, then runs the workload named by each `run PATH`
-line on stdin, printing `@@RESULT {..}` after each, until stdin closes. So the caller can alternate runs of both
-engines, each idle while the other runs, on a machine whose speed drifts. vLLM prints its own lines on stdout too; the
-markers tell ours apart. It imports nothing of attnserve: only vLLM and the standard library.
+samples one token), and the result gives prompt tokens/s and each prompt's summed logprob, for the caller to check.
+It loads the model, runs the warm-up workload (as on our side), prints `@@READY {"ready_s": ..}`, then runs the
+workload named by each `run PATH` line on stdin, printing `@@RESULT {..}` after each, until stdin closes. So the
+caller can alternate runs of both engines, each idle while the other runs, on a machine whose speed drifts. vLLM
+prints its own lines on stdout too; the markers tell ours apart. It imports nothing of attnserve: only vLLM and the
+standard library.
 """
 
 from __future__ import annotations

@@ -72,8 +72,6 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     if req.response_format is not None and req.response_format.type != "text":
         raise APIError(400, f"response_format {req.response_format.type!r} is not supported; only 'text' is",
                        "response_format")
-    if req.stream and req.prompt_logprobs is not None:
-        raise APIError(400, "prompt_logprobs is not available when stream is true", "prompt_logprobs")
     if req.continue_final_message and req.add_generation_prompt:
         raise APIError(400, "continue_final_message needs add_generation_prompt set to false",
                        "continue_final_message")
@@ -89,8 +87,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         return [ctx.engine.prepare(ids, params, request_id, cache_salt=req.cache_salt)]
 
     prepared = await ctx.off_loop(prepare)
-    check_request_size(ctx, prepared, stream=req.stream, prompt_logprobs_per_choice=False,
-                       logprobs_param="prompt_logprobs" if req.prompt_logprobs is not None else "logprobs")
+    check_request_size(ctx, req, prepared, prompt_logprobs_per_choice=False)
     as_ids = req.return_tokens_as_token_ids
     log = admit(ctx, request_id, prepared)
     if req.stream:

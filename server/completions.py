@@ -52,9 +52,6 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         raise APIError(400, "suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, f"best_of must equal n ({req.n}): ranking extra samples is not supported", "best_of")
-    if req.stream and req.prompt_logprobs is not None:
-        raise APIError(400, "prompt_logprobs is not available when stream is true; echo with logprobs streams the "
-                            "prompt's logprobs in its first chunk", "prompt_logprobs")
     prompts = _prompts(req.prompt)
     # echo with logprobs reports the prompt's tokens too, with as many alternatives as the completion's.
     echo_logprobs = req.logprobs if req.echo else None
@@ -76,8 +73,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         return out
 
     prepared = await ctx.off_loop(prepare)
-    check_request_size(ctx, prepared, stream=req.stream, prompt_logprobs_per_choice=True,
-                       logprobs_param="prompt_logprobs" if req.prompt_logprobs is not None else "logprobs")
+    check_request_size(ctx, req, prepared, prompt_logprobs_per_choice=True)
     prompt_ids = [r.prompt_token_ids for r in prepared]
     echoes = [""] * len(prompts)
     if req.echo:

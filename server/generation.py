@@ -119,15 +119,20 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
 def check_stream_options(req: SamplingFields) -> None:
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options can only be set when stream is true", "stream_options")
+    if req.stream and req.prompt_logprobs is not None:
+        raise APIError(400, "prompt_logprobs is not available when stream is true (as in vLLM); a streamed "
+                            "completion with echo and logprobs carries the prompt's logprobs in its first chunk",
+                       "prompt_logprobs")
 
 
-def check_request_size(ctx: ServingContext, prepared: list[PreparedRequest], *, stream: bool,
-                       prompt_logprobs_per_choice: bool, logprobs_param: str) -> None:
+def check_request_size(ctx: ServingContext, req: SamplingFields, prepared: list[PreparedRequest], *,
+                       prompt_logprobs_per_choice: bool) -> None:
     """Refuse, with a 400 that says how to ask instead, a request whose generation would exceed
     --max-request-tokens, or whose response would carry more than --max-response-logprobs logprob entries: prompt
-    logprobs (in every choice of a completion, once in a chat), and, unless streamed, the generated tokens'.
-    logprobs_param: the field an oversized response is blamed on."""
-    config = ctx.config
+    logprobs (in every choice of a completion, once in a chat), and, unless streamed, the generated tokens'."""
+    config, stream = ctx.config, req.stream
+    # The field an oversized response is blamed on (a completion's echo asks for prompt logprobs through logprobs).
+    logprobs_param = "prompt_logprobs" if req.prompt_logprobs is not None else "logprobs"
     work = sum(r.max_tokens * r.params.n for r in prepared)
     if work > config.max_request_tokens:
         raise APIError(400, f"the request may generate {work} tokens (prompts x n x max_tokens), more than the "

@@ -249,9 +249,9 @@ def test_echo_logprobs_report_the_prompt_then_the_completion_streamed_or_not(cli
     expected = offline.generate(prompt, greedy(max_tokens=4, logprobs=2, prompt_logprobs=2), use_tqdm=False)[0]
     kw = dict(model=MODEL, prompt=prompt, echo=True, logprobs=2, max_tokens=4, temperature=0)
     whole = client.completions.create(**kw).choices[0]
-    want = [None] + [x.logprob for x in expected.prompt_logprobs[1:]] + [x.logprob for x in expected.outputs[0].logprobs]
+    want = [x.logprob for x in expected.prompt_logprobs[1:] + expected.outputs[0].logprobs]
     assert whole.logprobs.token_logprobs[0] is None
-    assert whole.logprobs.token_logprobs[1:] == pytest.approx(want[1:], abs=1e-5)
+    assert whole.logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-5)
     assert whole.text == prompt + expected.outputs[0].text
     # Streamed: the prompt comes first, in a chunk of its own with its logprobs, then the completion's tokens.
     chunks = [c.choices[0] for c in client.completions.create(**kw, stream=True)]
@@ -291,7 +291,8 @@ def test_tokenizer_info_describes_the_served_tokenizer(server, offline):
     tok = offline.get_tokenizer()
     with httpx.Client(base_url=server.url, timeout=60) as http:
         info = http.get("/tokenizer_info").json()
-    assert info["eos_token"] == tok.special_tokens["eos_token"] and info["bos_token"] == tok.special_tokens.get("bos_token")
+    assert info["eos_token"] == tok.special_tokens["eos_token"]
+    assert info["bos_token"] == tok.special_tokens.get("bos_token")
     assert info["chat_template"] == tok.chat_template and info["vocab_size"] == tok.vocab_size
     assert info["tokenizer_class"]
 
