@@ -51,6 +51,8 @@ class _SamplingParams(TypedDict, total=False):
     include_stop_str_in_output: bool
     prompt_logprobs: int
     return_tokens_as_token_ids: bool
+    cache_salt: str
+    priority: int  # only with a server started with --scheduling-policy priority
     # client-side: merged into the body / the request's timeout in seconds
     extra_body: dict[str, Any]
     timeout: float

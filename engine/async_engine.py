@@ -11,6 +11,12 @@ process has more worker threads than cores, libgomp stops spinning between regio
 so every parallel region pays a futex wake-up. A model loaded on one thread and run on another thus ran 30% slower
 on 2 cores (docs/benchmarks.md). The thread that builds the engine must be the one that steps it.
 
+Backpressure: a request's undelivered output is bounded. When its caller stops taking outputs (an HTTP client that
+does not read its stream blocks the handler that would take them), the request is paused once MAX_PENDING_ENTRIES
+are waiting (its running samples are preempted, so it holds neither slots nor KV blocks nor engine time), and it
+resumes when the caller has taken half of them. A caller that never comes back is the server's to abort
+(--stream-write-timeout).
+
 If the loop dies, the error is delivered to every waiting caller, `is_healthy` turns False, and new
 requests fail fast with EngineDeadError: nothing hangs. A watchdog thread does the same when the loop stops
 making progress (a step that never returns, as on a hung device): a supervisor polling /health then sees the
@@ -48,10 +54,12 @@ class RequestStream:
     It also keeps a running summary for request logs: tokens received, when the first of them arrived, each
     sample's finish reason, and the engine's timestamps once the request finished."""
 
-    def __init__(self, request_id: str, queue: asyncio.Queue, abort: Callable[[str], None]):
+    def __init__(self, request_id: str, queue: asyncio.Queue, abort: Callable[[str], None],
+                 taken: Callable[[str, int], None]):
         self.request_id = request_id
         self._queue = queue
         self._abort = abort
+        self._taken = taken  # told how many pending entries each output took off the queue
         self._done = False
         self.num_output_tokens = 0
         self.finish_reasons: dict[int, str] = {}  # sample index -> "stop" | "length" | "abort"
@@ -75,6 +83,7 @@ class RequestStream:
         if isinstance(item, BaseException):
             self._done = True
             raise item
+        self._taken(self.request_id, _entries(item))
         self._done = item.finished
         self.num_cached_tokens = item.num_cached_tokens
         for completion in item.outputs:
@@ -108,6 +117,8 @@ class RequestStream:
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue  # RequestOutput, or an exception to raise in the caller
+    pending: int = 0  # entries (see _entries) put on the queue and not yet taken
+    paused: bool = False  # the engine was told to pause the request; it resumes when half the entries are taken
 
 
 class AsyncEngine:
@@ -180,11 +191,14 @@ class AsyncEngine:
             return self._stats.num_waiting + self._pending_adds
 
     def prepare(self, prompt: str | list[int], params: SamplingParams | None = None,
-                request_id: str | None = None, cache_salt: str | None = None) -> PreparedRequest:
-        """Validate (raises ValidationError) without queueing; for callers that must answer errors before streaming."""
+                request_id: str | None = None, cache_salt: str | None = None, priority: int = 0,
+                group: str | None = None) -> PreparedRequest:
+        """Validate (raises ValidationError) without queueing; for callers that must answer errors before streaming.
+        Requests of one `group` (e.g. the prompts of one HTTP request) count as one under the fair policy."""
         self._check_alive()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        return self.engine.prepare_request(request_id, prompt, params, cache_salt=cache_salt)
+        return self.engine.prepare_request(request_id, prompt, params, cache_salt=cache_salt, priority=priority,
+                                           group=group)
 
     def add_request(
         self, prompt: str | list[int] | PreparedRequest, params: SamplingParams | None = None,
@@ -204,10 +218,23 @@ class AsyncEngine:
             self._streams[req.request_id] = stream
             self._pending_adds += 1
         self._commands.put(("add", req))
-        return RequestStream(req.request_id, stream.queue, self.abort)
+        return RequestStream(req.request_id, stream.queue, self.abort, self._taken)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
+
+    def _taken(self, request_id: str, entries: int) -> None:
+        """The caller took an output of `entries`; resume its request if it was paused and is now half drained."""
+        with self._lock:
+            stream = self._streams.get(request_id)
+            if stream is None:
+                return
+            stream.pending -= entries
+            resume = stream.paused and stream.pending <= MAX_PENDING_ENTRIES // 2
+            if resume:
+                stream.paused = False
+        if resume:
+            self._commands.put(("resume", request_id))
 
     def shutdown(self, timeout: float | None = 10.0, reason: str = "engine was shut down") -> None:
         """Stop the loop; requests still in flight end with EngineDeadError(reason)."""
@@ -241,8 +268,9 @@ class AsyncEngine:
             # NOTE: a loop the watchdog declared dead stops here, even if its stalled step returns later.
             while not self._stopping.is_set() and self._dead_error is None:
                 self._heartbeat = time.monotonic()
-                outputs = self._drain_commands(block=not self.engine.has_unfinished_requests())
-                if self.engine.has_unfinished_requests():
+                # NOTE: paused requests are unfinished but give the loop nothing to do: it waits for commands.
+                outputs = self._drain_commands(block=not self.engine.has_schedulable_requests())
+                if self.engine.has_schedulable_requests():
                     outputs += self.engine.step()
                 # NOTE: report the measurements first, then refresh the snapshot, then deliver: a caller that saw
                 # its request finish, or saw the engine idle, never reads stats or metrics that still lack it.
@@ -289,6 +317,8 @@ class AsyncEngine:
                 out = self.engine.abort_request(arg)
                 if out is not None:
                     outputs.append(out)
+            elif kind == "resume":
+                self.engine.resume_request(arg)
         if added:
             # NOTE: snapshot first, then drop the pending count: num_waiting_requests may overcount for a moment,
             # never undercount.
@@ -300,8 +330,14 @@ class AsyncEngine:
     def _deliver(self, out: RequestOutput) -> None:
         with self._lock:
             stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
-        if stream is not None:
-            _put(stream, out)
+            if stream is None:
+                return
+            stream.pending += _entries(out)
+            pause = not out.finished and not stream.paused and stream.pending > MAX_PENDING_ENTRIES
+            stream.paused |= pause
+        _put(stream, out)
+        if pause:
+            self.engine.pause_request(out.request_id)
 
     def _deliver_error(self, request_id: str, exc: BaseException) -> None:
         with self._lock:
@@ -331,7 +367,16 @@ class AsyncEngine:
             _put(stream, error)
 
 
+# Output entries (a token, or one of its top logprobs) a request may have waiting for its caller before it is paused:
+# at most about half a MB of Python objects (a top logprob is a (token id, logprob) tuple of about 120 bytes).
+MAX_PENDING_ENTRIES = 4096
 _IDLE_WAIT_S = 0.5  # how long an idle loop blocks on the command queue before its next turn (and heartbeat)
+
+
+def _entries(out: RequestOutput) -> int:
+    """An output's size for backpressure: its tokens and their top logprobs (prompt logprobs come once, at the start,
+    and are bounded by the server's size cap instead)."""
+    return sum(len(c.token_ids) + sum(len(lp.top) for lp in c.logprobs or ()) for c in out.outputs)
 
 
 def _put(stream: _Stream, item: RequestOutput | BaseException) -> None:

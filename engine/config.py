@@ -256,12 +256,18 @@ class CacheConfig:
     enable_prefix_caching: bool = True  # share the KV blocks of equal prompt prefixes (engine/block_hash.py)
 
 
+SCHEDULING_POLICIES = ("fair", "fcfs", "priority")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
+    # Who runs first (engine/scheduler.py): "fair" shares the running slots equally between requests, "fcfs" admits
+    # in arrival order, "priority" by each request's priority (lower first), then arrival.
+    policy: str = "fair"
 
 
 @dataclass(frozen=True)

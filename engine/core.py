@@ -12,7 +12,6 @@ detokenizing, stop strings, RequestOutputs) is engine/output_processor.py; LLMEn
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -39,6 +38,8 @@ class PreparedRequest:
     max_tokens: int  # resolved: never None
     arrival_time: float
     cache_salt: str | None = None
+    priority: int = 0  # lower runs first, under the priority scheduling policy
+    group: str | None = None  # the fair policy's unit (None: this request alone), e.g. one HTTP request's prompts
 
 
 @dataclass
@@ -89,13 +90,15 @@ class EngineCore:
         self.scheduler = Scheduler(self.config.scheduler, config.cache.block_size, self.pool,
                                    prefix_caching=config.cache.enable_prefix_caching)
         self._seqs: dict[str, list[Sequence]] = {}  # request id -> its samples, until all of them finished
-        self._seq_ids = itertools.count()
+        self._next_seq_id = 0  # samples of a request get consecutive ids; the first is the request's arrival
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
     def add(self, req: PreparedRequest) -> None:
-        seqs = [Sequence(next(self._seq_ids), req.request_id, index, req.prompt_token_ids, req.params, req.max_tokens,
-                         req.cache_salt) for index in range(req.params.n)]
+        first = self._next_seq_id
+        seqs = [Sequence(first + index, req.request_id, index, req.prompt_token_ids, req.params, req.max_tokens,
+                         req.cache_salt, req.priority, arrival=first, group=req.group) for index in range(req.params.n)]
+        self._next_seq_id += req.params.n
         self._seqs[req.request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
@@ -113,10 +116,23 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return bool(self._seqs)
 
+    def has_schedulable(self) -> bool:
+        """Is there work a step can do now (not all that is left paused)?"""
+        return self.scheduler.has_schedulable()
+
+    def pause(self, request_id: str) -> None:
+        """Stop running a request until resume(): its client is not reading its output (backpressure). Its running
+        samples are preempted, freeing their slots and KV blocks; they are recomputed when it resumes."""
+        if request_id in self._seqs:
+            self.scheduler.pause(request_id)
+
+    def resume(self, request_id: str) -> None:
+        self.scheduler.resume(request_id)
+
     def step(self) -> CoreStepOutput:
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            if self.scheduler.has_unfinished():
+            if self.scheduler.has_schedulable():
                 raise RuntimeError("scheduler made no progress with requests pending (pool or budget misconfigured)")
             return CoreStepOutput()
         scheduled_at = time.monotonic()
@@ -140,11 +156,12 @@ class EngineCore:
     def _forget_if_done(self, request_id: str) -> None:
         if all(seq.is_finished for seq in self._seqs.get(request_id, [])):
             self._seqs.pop(request_id, None)
+            self.scheduler.resume(request_id)  # forget a pause
 
     def stats(self) -> EngineStats:
         # Counted in requests, not sequences, like vLLM's gauges: an n=4 request is one request.
         running = {seq.request_id for seq in self.scheduler.running}
-        waiting = {seq.request_id for seq in self.scheduler.waiting} - running
+        waiting = self.scheduler.waiting_request_ids() - running
         return EngineStats(
             num_running=len(running),
             num_waiting=len(waiting),

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from engine.chat_template import load_chat_template_arg
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_dtype
+from engine.config import (SCHEDULING_POLICIES, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig,
+                           parse_dtype)
 from engine.errors import ValidationError
 from engine.hub import resolve_model
 from kernels.backend import choose_attention_backend
@@ -63,6 +64,7 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
+    scheduling_policy: str = "fair"  # see engine.config.SchedulerConfig.policy
     attention_backend: str | None = None
     load_format: str = "auto"
     enforce_eager: bool | None = None  # None: the ATTNSERVE_ENFORCE_EAGER environment variable, else False
@@ -92,6 +94,9 @@ class EngineArgs:
             )
         kv_memory = parse_size(self.kv_cache_memory)
         _positive("kv_cache_memory", kv_memory)
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValidationError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got "
+                                  f"{self.scheduling_policy!r}", "scheduling_policy")
         if self.load_format not in LOAD_FORMATS:
             raise ValidationError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}",
                                   "load_format")
@@ -131,7 +136,8 @@ class EngineArgs:
             model=model,
             cache=CacheConfig(self.block_size, self.num_kv_blocks, kv_memory, self.gpu_memory_utilization,
                               self.enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len, self.enable_chunked_prefill),
+            scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len, self.enable_chunked_prefill,
+                                      self.scheduling_policy),
             device=device,
             dtype=parse_dtype(self.dtype, device),
             seed=self.seed,

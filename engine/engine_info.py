@@ -32,3 +32,4 @@ class EngineInfo:
     max_num_seqs: int
     max_num_batched_tokens: int
     enable_prefix_caching: bool
+    scheduling_policy: str  # "fair", "fcfs" or "priority" (engine/scheduler.py)

@@ -38,9 +38,11 @@ class LLM:
         prompts: Prompt | dict | list,
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: list[int] | None = None,
     ) -> list[RequestOutput]:
         """prompts: a string, a list of token ids, a vLLM-style dict ({"prompt": ...} or {"prompt_token_ids": ...}),
-        or a list of those. Outputs come back in prompt order."""
+        or a list of those. Outputs come back in prompt order. priority: one per prompt, lower first (needs
+        scheduling_policy="priority", as in vLLM)."""
         prompt_list = _as_prompt_list(prompts)
         if isinstance(sampling_params, list):
             if len(sampling_params) != len(prompt_list):
@@ -50,9 +52,12 @@ class LLM:
             params_list = sampling_params
         else:
             params_list = [sampling_params or self.get_default_sampling_params()] * len(prompt_list)
+        if priority is not None and len(priority) != len(prompt_list):
+            raise ValidationError(f"got {len(priority)} priorities for {len(prompt_list)} prompts", "priority")
         # Validate everything before queueing anything, so a bad prompt leaves the engine untouched.
         prepared = [
-            self.engine.prepare_request(str(next(self._ids)), p, sp) for p, sp in zip(prompt_list, params_list)
+            self.engine.prepare_request(str(next(self._ids)), p, sp, priority=0 if priority is None else priority[i])
+            for i, (p, sp) in enumerate(zip(prompt_list, params_list))
         ]
         for req in prepared:
             self.engine.add_prepared(req)

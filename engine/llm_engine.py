@@ -37,7 +37,7 @@ class LLMEngine:
             generation_defaults=MappingProxyType(read_generation_defaults(cfg.model.path)),
             num_kv_blocks=core.pool.num_blocks, block_size=cfg.cache.block_size,
             max_num_seqs=cfg.scheduler.max_num_seqs, max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
-            enable_prefix_caching=cfg.cache.enable_prefix_caching,
+            enable_prefix_caching=cfg.cache.enable_prefix_caching, scheduling_policy=cfg.scheduler.policy,
         )
         self.processor = OutputProcessor(self.info, tokenizer.eos_token_ids | cfg.model.eos_token_ids)
 
@@ -53,9 +53,10 @@ class LLMEngine:
         return self.processor.default_sampling_params()
 
     def prepare_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                        arrival_time: float | None = None, cache_salt: str | None = None) -> PreparedRequest:
+                        arrival_time: float | None = None, cache_salt: str | None = None,
+                        priority: int = 0, group: str | None = None) -> PreparedRequest:
         """Tokenize and validate (raises ValidationError); see OutputProcessor.prepare."""
-        return self.processor.prepare(request_id, prompt, params, arrival_time, cache_salt)
+        return self.processor.prepare(request_id, prompt, params, arrival_time, cache_salt, priority, group)
 
     def add_prepared(self, req: PreparedRequest) -> None:
         self.processor.add(req)
@@ -71,6 +72,17 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.processor.has_unfinished()
+
+    def has_schedulable_requests(self) -> bool:
+        """Unfinished requests that are not all paused: a step would make progress."""
+        return self.core.has_schedulable()
+
+    def pause_request(self, request_id: str) -> None:
+        """Stop running a request until resume_request (backpressure: nobody is taking its outputs)."""
+        self.core.pause(request_id)
+
+    def resume_request(self, request_id: str) -> None:
+        self.core.resume(request_id)
 
     def step(self) -> list[RequestOutput]:
         """Run one engine iteration; returns a delta output for every request that made visible progress."""

@@ -64,9 +64,11 @@ class OutputProcessor:
         return SamplingParams(**self.info.generation_defaults)
 
     def prepare(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                arrival_time: float | None = None, cache_salt: str | None = None) -> PreparedRequest:
+                arrival_time: float | None = None, cache_salt: str | None = None, priority: int = 0,
+                group: str | None = None) -> PreparedRequest:
         """Tokenize and validate. Raises ValidationError with a message fit for the client. Requests with a
-        cache_salt share prefix-cache blocks only with requests that have the same salt."""
+        cache_salt share prefix-cache blocks only with requests that have the same salt. A priority other than 0 needs
+        the priority scheduling policy (as in vLLM). Requests of one group share one fair share of the engine."""
         info, max_len = self.info, self.info.max_model_len
         params = params if params is not None else self.default_sampling_params()
         if isinstance(prompt, str):
@@ -100,7 +102,13 @@ class OutputProcessor:
                 f"({info.num_kv_blocks * info.block_size} tokens)", "max_tokens")
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ValidationError("cache_salt must be a non-empty string", "cache_salt")
-        return PreparedRequest(request_id, text, ids, params, max_tokens, arrival_time or time.monotonic(), cache_salt)
+        if isinstance(priority, bool) or not isinstance(priority, int) or not -2**63 <= priority < 2**63:
+            raise ValidationError(f"priority must be a 64-bit integer, got {priority!r}", "priority")
+        if priority != 0 and info.scheduling_policy != "priority":
+            raise ValidationError(f"priority is only allowed with the priority scheduling policy (this server uses "
+                                  f"{info.scheduling_policy!r}; start it with --scheduling-policy priority)", "priority")
+        return PreparedRequest(request_id, text, ids, params, max_tokens, arrival_time or time.monotonic(), cache_salt,
+                               priority, request_id if group is None else group)
 
     def add(self, req: PreparedRequest) -> None:
         if req.request_id in self._requests:

@@ -15,7 +15,8 @@ still registers its blocks for others.
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from engine.block_hash import ROOT, block_key, hash_block
@@ -49,17 +50,45 @@ class Scheduler:
         self.block_size = block_size
         self.pool = pool
         self.prefix_caching = prefix_caching
-        self.waiting: deque[Sequence] = deque()
+        self.policy = config.policy
+        # Waiting sequences, per request (each request's in the order they are to be admitted). Requests are admitted
+        # in the order of _admission_key; `waiting` lists them all in that order.
+        self._waiting: dict[str, deque[Sequence]] = {}
         self.running: list[Sequence] = []  # admission order: oldest first
+        self._num_running: Counter[str] = Counter()  # fairness group -> its running sequences
+        self.paused: set[str] = set()  # requests whose output nobody reads: not scheduled until resumed
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # tokens looked up at admission
         self.prefix_cache_hits = 0  # of those, tokens found cached
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self._waiting.setdefault(seq.request_id, deque()).append(seq)
+
+    @property
+    def waiting(self) -> list[Sequence]:
+        order = sorted(self._waiting, key=lambda r: self._admission_key(self._waiting[r][0]))
+        return [seq for request_id in order for seq in self._waiting[request_id]]
+
+    def waiting_request_ids(self) -> set[str]:
+        return set(self._waiting)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self._waiting or self.running)
+
+    def has_schedulable(self) -> bool:
+        """Is there anything to step? Paused requests wait for their reader, not for the engine."""
+        return any(seq.request_id not in self.paused for seq in self.running) or \
+            any(request_id not in self.paused for request_id in self._waiting)
+
+    def pause(self, request_id: str) -> None:
+        """Stop scheduling a request (its client is not reading its output): its running sequences are preempted,
+        which frees their slots and KV blocks (full blocks stay in the prefix cache for the return)."""
+        self.paused.add(request_id)
+        for seq in [seq for seq in self.running if seq.request_id == request_id]:
+            self.preempt(seq)
+
+    def resume(self, request_id: str) -> None:
+        self.paused.discard(request_id)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -79,28 +108,8 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens - sum(planned.values())
 
         # NOTE: no admissions in a step that had to preempt: the pool is already short.
-        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            cached = self._cached_prefix(seq)
-            computed = len(cached) * self.block_size
-            n = seq.num_tokens - computed
-            if n > budget and not self.config.enable_chunked_prefill:
-                break
-            n = min(n, budget)
-            needed = blocks_for(computed + n, self.block_size) - len(cached)
-            revived = sum(1 for block in cached if self.pool.ref_count(block) == 0)  # they leave the free count
-            if needed + revived > self.pool.num_free:
-                break  # FCFS: later arrivals never jump ahead of the head of the queue
-            self._admit_cached(seq, cached)
-            if seq.num_cached_tokens is None:  # first admission (not a return after preemption)
-                seq.num_cached_tokens = computed
-            seq.block_ids.extend(self.pool.allocate(needed))
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            out.admitted.append(seq)
-            planned[seq.seq_id] = n
-            budget -= n
+        if not out.preempted:
+            self._admit(out, planned, budget)
 
         by_id = {s.seq_id: s for s in self.running}
         decodes = [(by_id[i], n) for i, n in planned.items() if n == 1]
@@ -109,6 +118,86 @@ class Scheduler:
         # A max_tokens=0 sequence (prompt scoring) never samples: it ends when its prompt is computed.
         out.samples = [seq.num_computed_tokens + n == seq.num_tokens and seq.max_tokens > 0 for seq, n in out.scheduled]
         return out
+
+    def _admit(self, out: SchedulerOutput, planned: dict[int, int], budget: int) -> None:
+        """Move waiting sequences to running, best admission key first, while slots, blocks and budget last. The
+        first that does not fit stops admission (later ones never jump ahead of it, so nothing starves), unless
+        the policy lets it preempt a running sequence that has less claim to run (_victim_for)."""
+        heap = [(self._admission_key(queue[0]), request_id) for request_id, queue in self._waiting.items()
+                if request_id not in self.paused]
+        heapq.heapify(heap)
+        while heap and budget > 0:
+            key, request_id = heap[0]
+            queue = self._waiting[request_id]
+            seq = queue[0]
+            if self._admission_key(seq) != key:  # fair: its group gained a running sequence since the key was taken
+                heapq.heapreplace(heap, (self._admission_key(seq), request_id))
+                continue
+            cached = self._cached_prefix(seq)
+            computed = len(cached) * self.block_size
+            n = seq.num_tokens - computed
+            if n > budget and not self.config.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            needed = blocks_for(computed + n, self.block_size) - len(cached)
+            revived = sum(1 for block in cached if self.pool.ref_count(block) == 0)  # they leave the free count
+            if needed + revived > self.pool.num_free or len(self.running) >= self.config.max_num_seqs:
+                victim = self._victim_for(seq)
+                if victim is None:
+                    break
+                self.preempt(victim)
+                out.preempted.append(victim)
+                budget += planned.pop(victim.seq_id, 0)
+                continue  # the freed blocks may include cached ones of seq's prefix: look again
+            self._admit_cached(seq, cached)
+            if seq.num_cached_tokens is None:  # first admission (not a return after preemption)
+                seq.num_cached_tokens = computed
+            seq.block_ids.extend(self.pool.allocate(needed))
+            queue.popleft()
+            if not queue:
+                del self._waiting[request_id]
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self._num_running[seq.group] += 1
+            out.admitted.append(seq)
+            planned[seq.seq_id] = n
+            budget -= n
+            if queue:
+                heapq.heapreplace(heap, (self._admission_key(queue[0]), request_id))
+            else:
+                heapq.heappop(heap)
+
+    # ---- policies: who is admitted first, and who gives way ---------------------------------------------------
+
+    def _admission_key(self, seq: Sequence) -> tuple[int, ...]:
+        """fcfs: arrival. priority: the request's priority (lower first), then arrival. fair: the fewest running
+        sequences first, so every request holds an equal share of the running slots (max-min fairness), then
+        arrival."""
+        if self.policy == "priority":
+            return seq.priority, seq.arrival
+        if self.policy == "fair":
+            return self._num_running[seq.group], seq.arrival
+        return (seq.arrival,)
+
+    def _victim(self) -> Sequence:
+        """The running sequence to preempt when the pool runs dry. fcfs: the newest. priority: the newest of the
+        lowest priority. fair: the newest of the request holding the most running sequences."""
+        if self.policy == "priority":
+            return max(reversed(self.running), key=lambda s: (s.priority, s.arrival))
+        if self.policy == "fair":
+            return max(reversed(self.running), key=lambda s: self._num_running[s.group])
+        return self.running[-1]
+
+    def _victim_for(self, seq: Sequence) -> Sequence | None:
+        """A running sequence that a waiting one may preempt to be admitted, or None. fcfs: never. priority: one of
+        strictly lower priority. fair: one whose request holds at least two more running sequences than seq's, so
+        the shares even out and never swing back."""
+        if not self.running or self.policy == "fcfs":
+            return None
+        victim = self._victim()
+        if self.policy == "priority":
+            return victim if victim.priority > seq.priority else None
+        return victim if self._num_running[victim.group] >= self._num_running[seq.group] + 2 else None
 
     def update_from_output(self, out: SchedulerOutput, token_ids: list[int],
                            prompt_logprobs: dict[int, list[TokenLogprob]] | None = None) -> list[Sequence]:
@@ -202,7 +291,7 @@ class Scheduler:
         Returns False if seq itself had to be preempted."""
         needed = blocks_for(seq.num_computed_tokens + n, self.block_size) - len(seq.block_ids)
         while needed > self.pool.num_free:
-            victim = self.running[-1]
+            victim = self._victim()
             self.preempt(victim)
             out.preempted.append(victim)
             planned.pop(victim.seq_id, None)
@@ -213,11 +302,11 @@ class Scheduler:
         return True
 
     def preempt(self, seq: Sequence) -> None:
-        """Recompute-preemption: drop the sequence's KV and send it to the front of the queue."""
+        """Recompute-preemption: drop the sequence's KV and send it to the front of its request's queue."""
         self._release(seq)
         seq.status = SequenceStatus.WAITING
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._waiting.setdefault(seq.request_id, deque()).appendleft(seq)
 
     def finish(self, seq: Sequence, reason: str = "abort", stop_reason: int | str | None = None) -> None:
         """End a sequence for `reason` ("stop", "length" or "abort"), wherever it is, and return its blocks to the
@@ -225,7 +314,10 @@ class Scheduler:
         processor's: it aborts the sample through EngineCore.abort, which skips finished ones)."""
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         if seq.status is SequenceStatus.WAITING:
-            self.waiting.remove(seq)
+            queue = self._waiting[seq.request_id]
+            queue.remove(seq)
+            if not queue:
+                del self._waiting[seq.request_id]
             self.pool.free(seq.block_ids[::-1])
             seq.block_ids = []
         elif seq.status is SequenceStatus.RUNNING:
@@ -234,6 +326,9 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._num_running[seq.group] -= 1
+        if not self._num_running[seq.group]:
+            del self._num_running[seq.group]
         # Tail first: if these blocks stay cached, the end of the chain is evicted before its start.
         self.pool.free(seq.block_ids[::-1])
         seq.block_ids = []

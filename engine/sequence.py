@@ -30,6 +30,9 @@ class Sequence:
         params: SamplingParams,
         max_tokens: int,
         cache_salt: str | None = None,
+        priority: int = 0,
+        arrival: int | None = None,
+        group: str | None = None,
     ):
         self.seq_id = seq_id
         self.request_id = request_id
@@ -40,6 +43,11 @@ class Sequence:
         self.token_ids: list[int] = list(prompt_token_ids)
         self.params = params
         self.max_tokens = max_tokens  # resolved: never None
+        # Scheduling (engine/scheduler.py): the request's priority (lower runs first, under the priority policy), its
+        # arrival order, and the group that gets one fair share (its request, or e.g. all prompts of an HTTP request).
+        self.priority = priority
+        self.arrival = seq_id if arrival is None else arrival
+        self.group = request_id if group is None else group
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.block_ids: list[int] = []

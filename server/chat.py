@@ -84,7 +84,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
 
     def prepare():
         ids = render_prompt_ids(ctx.tokenizer, req, ctx.engine.info.max_model_len)
-        return [ctx.engine.prepare(ids, params, request_id, cache_salt=req.cache_salt)]
+        return [ctx.engine.prepare(ids, params, request_id, cache_salt=req.cache_salt, priority=req.priority)]
 
     prepared = await ctx.off_loop(prepare)
     check_request_size(ctx, req, prepared, prompt_logprobs_per_choice=False)

@@ -216,6 +216,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                        help="KV cache size on CPU, e.g. 2GiB (default: 1GiB)")
     cache.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9,
                        help="fraction of GPU memory for weights, activations and KV cache (default: 0.9)")
+    cache.add_argument("--scheduling-policy", default="fair", choices=["fair", "fcfs", "priority"],
+                       help="who runs first: fair shares the running slots equally between requests, so one big "
+                            "request cannot hold up the rest; fcfs in arrival order; priority by the request's "
+                            "priority field, lower first, preempting lower-priority work (default: fair)")
     cache.add_argument("--attention-backend", default=None,
                        help="auto (default: triton on CUDA when installed, else sdpa), sdpa, or triton")
     _add_unsupported_vllm_flags(p)

@@ -69,7 +69,9 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
                 ids = tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens,
                                        max_tokens=ctx.engine.info.max_model_len,
                                        what="the prompt" if len(prompts) == 1 else f"prompt[{i}]")
-            out.append(ctx.engine.prepare(ids, params, f"{request_id}-{i}", cache_salt=req.cache_salt))
+            # One group: the fair policy shares the engine between client requests, not between their prompts.
+            out.append(ctx.engine.prepare(ids, params, f"{request_id}-{i}", cache_salt=req.cache_salt,
+                                          priority=req.priority, group=request_id))
         return out
 
     prepared = await ctx.off_loop(prepare)

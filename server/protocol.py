@@ -86,6 +86,9 @@ class SamplingFields(_Strict):
         "vLLM: name tokens in logprobs as 'token_id:N' rather than by their text."))
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS,
                                    description="Requests share prefix-cache blocks only with requests of the same salt.")
+    priority: Int = Field(0, ge=-(2**63), lt=2**63, description=(
+        "vLLM: the request's scheduling priority, lower first (ties in arrival order). Only with "
+        "--scheduling-policy priority; any other value than 0 is refused under the other policies."))
 
 
 class CompletionRequest(SamplingFields):

@@ -155,6 +155,14 @@ def test_scoring_fields_are_typed(client):
     assert chat.prompt_logprobs[0] is None and all(len(e) == 1 for e in chat.prompt_logprobs[1:])
 
 
+def test_scheduling_fields_reach_the_server(client):
+    """cache_salt is accepted as a keyword; priority too, and this server (fair policy) refuses a non-zero one."""
+    assert client.completions.create(prompt="x", max_tokens=1, cache_salt="tenant-a", priority=0).usage
+    with pytest.raises(BadRequest) as exc:
+        client.chat.completions.create(messages=MESSAGES, max_tokens=1, priority=2)
+    assert exc.value.param == "priority" and "--scheduling-policy priority" in exc.value.message
+
+
 def test_models_tokenize_detokenize_health_metrics(client):
     models = client.models.list()
     assert [m.id for m in models] == [MODEL] and models.data[0].max_model_len == 256

@@ -1,4 +1,5 @@
-"""Scheduler decisions: token budget, decode-first, chunked prefill, preemption, FCFS, and applying a step's result."""
+"""Scheduler decisions: token budget, decode-first, chunked prefill, preemption, the fcfs / fair / priority policies,
+pausing, and applying a step's result."""
 
 import pytest
 
@@ -15,10 +16,25 @@ def make_seq(prompt_len: int, name: str = "r") -> Sequence:
     return Sequence(next(_ids), name, 0, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=8), 8)
 
 
-def make_scheduler(num_blocks=64, block_size=4, budget=32, max_seqs=8, chunked=True) -> Scheduler:
+def make_request(name: str, n: int, prompt_len: int = 4, priority: int = 0, group: str | None = None) -> list[Sequence]:
+    """The n samples of one request, as EngineCore.add makes them: consecutive ids, one arrival."""
+    first = next(_ids)
+    ids = [first] + [next(_ids) for _ in range(n - 1)]
+    return [Sequence(i, name, k, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=64), 64,
+                     priority=priority, arrival=first, group=group) for k, i in enumerate(ids)]
+
+
+def make_scheduler(num_blocks=64, block_size=4, budget=32, max_seqs=8, chunked=True, policy="fcfs") -> Scheduler:
     cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=256,
-                          enable_chunked_prefill=chunked)
+                          enable_chunked_prefill=chunked, policy=policy)
     return Scheduler(cfg, block_size, BlockPool(num_blocks))
+
+
+def running_per_request(s: Scheduler) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for seq in s.running:
+        counts[seq.request_id] = counts.get(seq.request_id, 0) + 1
+    return counts
 
 
 def run_step(sched: Scheduler, sample_token: int = 7):
@@ -154,3 +170,119 @@ def test_update_from_output_refuses_a_token_count_that_does_not_match_the_step()
     out = s.schedule()
     with pytest.raises(AssertionError):
         s.update_from_output(out, [])
+
+
+# ---- policies -------------------------------------------------------------------------------------------------
+
+
+def test_fcfs_lets_one_big_request_hold_every_slot():
+    """The behaviour the fair policy exists to change: under fcfs a later request waits for a free slot."""
+    s = make_scheduler(max_seqs=8, budget=64, policy="fcfs")
+    for seq in make_request("big", 16):
+        s.add(seq)
+    run_step(s)
+    (short,) = make_request("short", 1)
+    s.add(short)
+    out = run_step(s)
+    assert running_per_request(s) == {"big": 8} and not out.preempted and short in s.waiting
+
+
+def test_fair_admits_a_later_request_beside_one_that_holds_every_slot():
+    s = make_scheduler(max_seqs=8, budget=64, policy="fair")
+    big = make_request("big", 16)
+    for seq in big:
+        s.add(seq)
+    run_step(s)
+    assert running_per_request(s) == {"big": 8}
+    (short,) = make_request("short", 1)
+    s.add(short)
+    out = run_step(s)
+    # The newest of big's running samples gives way, and goes back to the head of big's queue.
+    assert out.preempted == [big[7]] and out.admitted == [short]
+    assert running_per_request(s) == {"big": 7, "short": 1}
+    assert s.waiting[0] is big[7] and big[7].num_computed_tokens == 0 and not big[7].block_ids
+    # Once short is running nothing swings back: big's waiting samples have more running than short.
+    out = run_step(s)
+    assert not out.preempted and running_per_request(s) == {"big": 7, "short": 1}
+
+
+def test_fair_shares_the_slots_equally_and_a_group_counts_as_one():
+    s = make_scheduler(max_seqs=8, budget=64, num_blocks=128, policy="fair")
+    for seq in make_request("a", 16):
+        s.add(seq)
+    run_step(s)
+    # Two prompts of one HTTP request (one group) arrive: together they get the share of one request.
+    for name in ("b0", "b1"):
+        for seq in make_request(name, 8, group="b"):
+            s.add(seq)
+    run_step(s)
+    counts = running_per_request(s)
+    assert counts["a"] == 4 and counts.get("b0", 0) + counts.get("b1", 0) == 4
+    assert s.num_preemptions == 4
+    run_step(s)
+    assert s.num_preemptions == 4  # balanced: no more preemptions
+
+
+def test_fair_admission_without_preemption_goes_to_the_request_with_the_fewest_running():
+    s = make_scheduler(max_seqs=8, budget=64, policy="fair")
+    a = make_request("a", 8)
+    b = make_request("b", 8)
+    for seq in a + b:
+        s.add(seq)
+    out = run_step(s)
+    # Round robin from an empty batch: a and b alternate, a first (it arrived first).
+    assert [seq.request_id for seq in out.admitted] == ["a", "b"] * 4
+
+
+def test_priority_admits_lower_values_first_and_preempts_only_for_strictly_higher_priority():
+    s = make_scheduler(max_seqs=4, budget=64, policy="priority")
+    low = make_request("low", 4, priority=5)
+    for seq in low:
+        s.add(seq)
+    run_step(s)
+    (same,) = make_request("same", 1, priority=5)
+    s.add(same)
+    out = run_step(s)
+    assert not out.preempted and same in s.waiting  # equal priority waits its turn
+    (urgent,) = make_request("urgent", 1, priority=-1)
+    s.add(urgent)
+    out = run_step(s)
+    assert out.preempted == [low[3]] and out.admitted == [urgent]
+    # The waiting order: urgent ran; then low's preempted sample (same priority as `same`, earlier arrival).
+    assert s.waiting == [low[3], same]
+
+
+def test_priority_victim_of_a_full_pool_is_the_lowest_priority_not_the_newest():
+    # Two 8-token sequences fill 4 blocks; both need a third block for their 9th token.
+    s = make_scheduler(num_blocks=4, block_size=4, budget=64, policy="priority")
+    (important,) = make_request("important", 1, prompt_len=8, priority=0)
+    (background,) = make_request("background", 1, prompt_len=8, priority=9)
+    # The background request arrived first, so under fcfs the important one would be preempted.
+    s.add(background)
+    s.add(important)
+    run_step(s)
+    out = run_step(s)
+    assert out.preempted == [background] and [q for q, _ in out.scheduled] == [important]
+
+
+def test_pause_preempts_skips_and_resume_readmits():
+    s = make_scheduler(max_seqs=8, budget=64, policy="fair")
+    a = make_request("a", 2)
+    (b,) = make_request("b", 1)
+    for seq in a + [b]:
+        s.add(seq)
+    run_step(s)
+    free_before = s.pool.num_free
+    s.pause("a")
+    assert all(seq.status is SequenceStatus.WAITING and not seq.block_ids for seq in a)
+    assert s.pool.num_free > free_before and s.has_schedulable()
+    for _ in range(3):
+        out = run_step(s)
+        assert [q.request_id for q, _ in out.scheduled] == ["b"]
+    s.finish(b)
+    assert s.has_unfinished() and not s.has_schedulable()  # only a paused request is left: nothing to step
+    assert s.schedule().is_empty
+    s.resume("a")
+    out = run_step(s)
+    assert sorted(out.admitted, key=lambda q: q.index) == a
+    assert [seq.num_computed_tokens for seq in a] == [5, 5]  # prompt + the token each had sampled, recomputed
