@@ -85,16 +85,19 @@ class RequestStream:
             raise item
         self._taken(self.request_id, _entries(item))
         self._done = item.finished
+        self._record(item, reached_the_caller=True)
+        return item
+
+    def _record(self, item: RequestOutput, reached_the_caller: bool) -> None:
         self.num_cached_tokens = item.num_cached_tokens
         for completion in item.outputs:
             self.num_output_tokens += len(completion.token_ids)
-            if self.first_token_at is None and completion.token_ids:
+            if self.first_token_at is None and completion.token_ids and reached_the_caller:
                 self.first_token_at = time.monotonic()
             if completion.finish_reason is not None:
                 self.finish_reasons[completion.index] = completion.finish_reason
         if item.finished:
             self.metrics = item.metrics
-        return item
 
     def __await__(self):
         # Lets callers write `stream = await engine.add_request(...)` as well.
@@ -107,6 +110,12 @@ class RequestStream:
         if not self._done:
             self._done = True
             self._abort(self.request_id)
+            # Outputs the engine produced that the caller never took (it left first): still part of the summary, so
+            # a request the engine had finished keeps its finish reasons and token count in the request log.
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if not isinstance(item, BaseException):
+                    self._record(item, reached_the_caller=False)
 
     def __del__(self) -> None:
         if not self._done:

@@ -177,6 +177,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                       help="open connections at once; more are closed as they arrive. Keep it under the process's "
                            "file-descriptor limit (ulimit -n) minus ~100 for the model's files and the engine "
                            "(default: 0, no limit)")
+    http.add_argument("--stream-write-timeout", type=positive_float, default=60.0, metavar="S",
+                      help="seconds a client may go without reading while its response waits to be sent (the "
+                           "server's send buffer full); then the connection is closed and its requests are aborted, "
+                           "logged as 499 (default: 60)")
     http.add_argument("--timeout-keep-alive", type=positive_float, default=5.0, metavar="S",
                       help="seconds an idle keep-alive connection stays open (default: 5)")
     http.add_argument("--shutdown-timeout", type=non_negative_float, default=10.0,

@@ -34,6 +34,8 @@ class ServerConfig:
     limit_concurrency: int | None = DEFAULT_LIMIT_CONCURRENCY  # HTTP requests in flight; more get 503. None: no limit
     request_head_timeout_s: float = 30.0  # a connection must send a whole request head within this; else closed
     max_connections: int | None = None  # open connections; more are closed at once. None: no limit
+    # A connection whose client reads nothing of a response (writing paused) for this long is aborted (499).
+    stream_write_timeout_s: float = 60.0
     max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS  # more is a 400 that says to split the request
     max_response_logprobs: int = DEFAULT_MAX_RESPONSE_LOGPROBS  # more is a 400 that says to stream or split
 
@@ -50,6 +52,8 @@ class ServerConfig:
             raise ValueError("max_request_tokens and max_response_logprobs must be >= 1")
         if self.request_head_timeout_s <= 0:
             raise ValueError(f"request_head_timeout_s must be > 0, got {self.request_head_timeout_s}")
+        if self.stream_write_timeout_s <= 0:
+            raise ValueError(f"stream_write_timeout_s must be > 0, got {self.stream_write_timeout_s}")
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
         if self.body_timeout_s <= 0:

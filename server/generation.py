@@ -25,6 +25,7 @@ from engine.outputs import CompletionOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 from server.config import ServerConfig
 from server.errors import APIError, as_api_error, sse_error
+from server.http_protocol import client_gone
 from server.logs import RequestLog
 from server.metrics import Metrics
 from server.middleware import ServerState
@@ -185,17 +186,20 @@ async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
         async for out in streams[0]:
             yield 0, out
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    # NOTE: bounded, so that a consumer that stops (a client that does not read) stops the pumps too, and the
+    # engine's backpressure sees each request's outputs pile up where it counts them (engine/async_engine.py).
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
     done = object()
 
     async def pump(i: int, stream: RequestStream) -> None:
+        # NOTE: no await in a finally: a pump cancelled while the queue is full must end, not wait for room.
         try:
             async for out in stream:
-                queue.put_nowait((i, out))
+                await queue.put((i, out))
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            queue.put_nowait((i, exc))
-        finally:
-            queue.put_nowait((i, done))
+            await queue.put((i, exc))
+            return
+        await queue.put((i, done))
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     try:
@@ -308,7 +312,11 @@ class ChunkWriter:
 
 def sse_response(ctx: ServingContext, events: AsyncIterator[str], log: RequestLog) -> StreamingResponse:
     """Stream events as SSE, each flushed as soon as it is yielded. An error after the 200 went out becomes an error
-    event; `[DONE]` always ends the stream; a client that hangs up cancels the body, which aborts the requests."""
+    event; `[DONE]` always ends the stream; a client that hangs up cancels the body, which aborts the requests.
+
+    The cancellation only lands where the body waits. Events already queued (generation ended while the client read
+    slowly) are taken and written without waiting, so the body also asks `client_gone()` after each event: it stops
+    at once, and logs 499 however far it got, rather than formatting the rest for nobody and logging 200."""
 
     async def body() -> AsyncIterator[str]:
         status = 499  # unless the stream runs to its end: the client hung up
@@ -316,6 +324,8 @@ def sse_response(ctx: ServingContext, events: AsyncIterator[str], log: RequestLo
             try:
                 async for event in events:
                     yield event
+                    if client_gone():
+                        return
                 status = 200
             except Exception as exc:  # noqa: BLE001 - the status is sent; the error travels as an event
                 ctx.metrics.count_failure("engine_error" if isinstance(exc, EngineDeadError) else "internal")
@@ -325,6 +335,8 @@ def sse_response(ctx: ServingContext, events: AsyncIterator[str], log: RequestLo
                     logger.error("internal error while streaming a response", exc_info=exc)
                 yield sse_error(err)
             yield DONE_EVENT
+            if client_gone():  # [DONE] never reached the transport: the client did not get the whole stream
+                status = 499
         finally:
             await _finish(ctx, log, status)
 

@@ -25,6 +25,7 @@ from engine.async_engine import AsyncEngine
 from engine.engine_args import EngineArgs
 from engine.errors import AttnServeError
 from engine.engine_info import EngineInfo
+from server import accept_errors
 from server.app import build_app
 from server.config import DEFAULT_MODEL_NAME, ServerConfig
 from server.http_protocol import protocol_class
@@ -56,7 +57,7 @@ def _fail(message: str) -> int:
 def bind_socket(host: str, port: int) -> socket.socket:
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                          flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
+    sock = accept_errors.ListeningSocket(family, kind, proto)  # accept() backs off when out of descriptors
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
@@ -122,6 +123,7 @@ def serve(args: argparse.Namespace) -> int:
         body_timeout_s=args.request_body_timeout, limit_concurrency=args.limit_concurrency,
         max_request_tokens=args.max_request_tokens, max_response_logprobs=args.max_response_logprobs,
         request_head_timeout_s=args.request_head_timeout, max_connections=args.max_connections or None,
+        stream_write_timeout_s=args.stream_write_timeout,
     )
     warn_if_exposed(sock, args.api_key)
     app = build_app(async_engine, config)
@@ -142,7 +144,8 @@ def uvicorn_config(app, config: ServerConfig, *, timeout_keep_alive: float = 5.0
     """The uvicorn settings every server of ours runs with (tests included, so they see the same limits)."""
     return uvicorn.Config(app, log_config=None, lifespan="off", access_log=access_log, timeout_graceful_shutdown=5,
                           timeout_keep_alive=timeout_keep_alive,
-                          http=protocol_class(config.request_head_timeout_s, config.max_connections),
+                          http=protocol_class(config.request_head_timeout_s, config.max_connections,
+                                              config.stream_write_timeout_s),
                           h11_max_incomplete_event_size=config.max_header_bytes)
 
 
@@ -194,6 +197,7 @@ async def _serve(server: _Server, sock: socket.socket, ctx, names: tuple[str, ..
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    accept_errors.install(loop, ctx.config.max_connections)
     # A forced exit cancels whatever uvicorn still runs; that is the exit asked for, not an application error.
     quiet = _DropCancelledTracebacks()
     logging.getLogger("uvicorn.error").addFilter(quiet)

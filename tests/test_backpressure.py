@@ -1,16 +1,24 @@
-"""Backpressure in the async engine (issue 24, finding 2): a request whose caller stops taking outputs is paused once
-its undelivered output reaches the bound, so it holds no slot, no KV block and no engine time, and it resumes, with
-the same tokens as an unpaused run, once the caller takes its outputs again."""
+"""Backpressure (issue 24, finding 2): a request whose caller stops taking outputs is paused once its undelivered
+output reaches the bound, so it holds no slot, no KV block and no engine time, and it resumes, with the same tokens
+as an unpaused run, once the caller takes its outputs again. Over HTTP, with clients that never read."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import socket
+import struct
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 import engine.async_engine as async_engine
+from clients.prometheus import parse_metrics
 from engine import AsyncEngine, SamplingParams
+from server_process import ServerProcess
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +89,104 @@ def test_a_paused_request_that_is_aborted_frees_everything(llama, monkeypatch):
         assert engine.stats().num_waiting == 0
     finally:
         engine.shutdown()
+
+
+
+def test_merging_the_prompts_of_one_request_keeps_the_backpressure():
+    """A request of several prompts reads their streams through server.generation.merge; a consumer that stops must
+    stop the pumps as well, or the outputs would pile up in merge's queue, where the engine does not count them."""
+    from server.generation import merge
+
+    pulled = [0, 0, 0]
+
+    async def endless(i: int):
+        while True:
+            pulled[i] += 1
+            yield i
+            await asyncio.sleep(0)
+
+    async def go():
+        merged = merge([endless(i) for i in range(3)])
+        taken = [await merged.__anext__() for _ in range(5)]
+        await asyncio.sleep(0.2)  # the consumer stops reading
+        stalled = list(pulled)
+        await asyncio.sleep(0.2)
+        assert pulled == stalled, "the pumps kept pulling for a consumer that stopped"
+        # At most the queue's 3 places, plus one output in each pump's hands, beyond what was taken.
+        assert sum(pulled) <= len(taken) + 3 + 3, pulled
+        await merged.aclose()
+        await asyncio.sleep(0)
+        return [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+
+    assert asyncio.run(go()) == []  # every pump ended with the consumer
+
+# ---- over HTTP: 32 streams whose clients never read ------------------------------------------------------------
+
+
+def _rss_mib(pid: int) -> float:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1)) / 1024
+
+
+def _series(proc: ServerProcess) -> dict[str, float]:
+    with proc.client() as http:
+        parsed = parse_metrics(http.get("/metrics").text)
+    return {name + "".join(f"{{{v}}}" for k, v in sample.labels.items() if k != "model_name"): sample.value
+            for name, samples in parsed.items() for sample in samples}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's RSS from /proc")
+def test_32_streams_nobody_reads_cost_no_engine_time_and_free_everything_on_hang_up(llama):
+    """The issue's case: 32 streamed requests (n=16, 20 logprobs) whose clients never read. Once the socket buffers
+    are full (the kernel's, up to 4 MB a connection on loopback: 20-30 s here), each request pauses at the bound on its
+    undelivered output: the engine stops generating for them, they hold no KV block, and the server's memory stops
+    growing (what it holds for them is bounded: 32 x ~0.5 MB of queued outputs, plus each connection's 64 KiB transport
+    buffer; the RSS it gained before includes the KV pool's pages, touched for the first time). When the
+    clients reset their connections: 32 lines of 499, 32 aborts in /metrics, and nothing left in the engine within a
+    second. (The write timeout, 60 s by default, would abort them later; tests/test_slow_clients.py covers it.)"""
+    with ServerProcess(llama, "--max-model-len", "32768", "--num-kv-blocks", "16384", startup_timeout=90) as proc:
+        with proc.client() as http:
+            assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4}).status_code == 200
+        before = _series(proc)
+        rss_before = _rss_mib(proc.proc.pid)
+        body = json.dumps({"prompt": "Once upon a time", "n": 16, "logprobs": 20, "max_tokens": 16000,
+                           "ignore_eos": True, "stream": True}).encode()
+        socks = []
+        for _ in range(32):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: it sizes the window
+            host, port = proc.url.removeprefix("http://").rsplit(":", 1)
+            sock.connect((host, int(port)))
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            socks.append(sock)
+        opened = time.monotonic()
+        try:
+            deadline = opened + 60
+            while (now := _series(proc))["attnserve_num_requests_waiting"] < 32 or \
+                    now["attnserve_num_requests_running"] > 0:
+                assert time.monotonic() < deadline, f"not every unread request was paused: {now}"
+                time.sleep(0.2)
+            paused_after = time.monotonic() - opened
+            tokens = now["attnserve_generation_tokens_total"]
+            rss_paused = _rss_mib(proc.proc.pid)
+            time.sleep(max(3.0, 30 - (time.monotonic() - opened)))  # unread for the issue's 30 s at least
+            now = _series(proc)
+            assert now["attnserve_generation_tokens_total"] == tokens, "paused requests still took engine time"
+            assert now["attnserve_kv_cache_usage_perc"] == 0  # paused: no KV block held
+            rss_end = _rss_mib(proc.proc.pid)
+            print(f"all paused after {paused_after:.1f} s, {tokens - before['attnserve_generation_tokens_total']:.0f} "
+                  f"tokens generated; RSS {rss_before:.0f} -> {rss_paused:.0f} MiB when paused -> {rss_end:.0f} MiB "
+                  f"{time.monotonic() - opened:.0f} s after the streams opened")
+            assert rss_end - rss_paused < 16, (rss_paused, rss_end)
+        finally:
+            for sock in socks:  # hang up with RST
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+        hung_up = time.monotonic()
+        while (now := _series(proc))["attnserve_num_requests_waiting"] > 0 or now["attnserve_kv_cache_usage_perc"] > 0:
+            assert time.monotonic() - hung_up < 1.0, now
+            time.sleep(0.05)
+        aborts = now["attnserve_request_success_total{abort}"] - before.get("attnserve_request_success_total{abort}", 0)
+        assert aborts == 32
+        lines = [line for line in proc.log().splitlines() if "request finished" in line and "status=499" in line]
+        assert len(lines) == 32, proc.log()[-3000:]
