@@ -2,6 +2,11 @@
 (docs/reliability.md, "Clients that stop reading").
 
     python -m benchmarks.slow_readers             # 32 streams, n=16, logprobs=20, 30 s unread, then RST
+    python -m benchmarks.slow_readers --model DIR --max-model-len 32768 --max-tokens 16000 --seconds 60
+
+With the demo model (max_model_len 512) the loopback socket buffers, up to 4 MB a connection, take in most of a
+stream before it ends; a small model with a long context shows the server's own bound, as tests/test_backpressure.py
+does (its checkpoint: tests/checkpoints.py make_checkpoint("llama", DIR)).
 
 Starts `python -m server` with the demo model (eager) and --stream-write-timeout well above the unread period when
 the server has that flag. Each stream is a raw socket that sends one streamed completion and never reads. It prints
@@ -48,13 +53,21 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--logprobs", type=int, default=20)
+    p.add_argument("--max-tokens", type=int, default=400)
+    p.add_argument("--model", default=None, help="a model directory (default: the demo model)")
+    p.add_argument("--max-model-len", type=int, default=None)
     args = p.parse_args()
     port = free_port()
     cmd = [sys.executable, "-m", "server", "--port", str(port), "--enforce-eager"]
+    if args.model:
+        cmd += ["--model", args.model, "--num-kv-blocks", "16384"]
+    if args.max_model_len:
+        cmd += ["--max-model-len", str(args.max_model_len)]
     help_text = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True).stdout
     if "--stream-write-timeout" in help_text:
         cmd += ["--stream-write-timeout", str(args.seconds * 4)]
-    body = {"prompt": "def main():", "n": args.n, "logprobs": args.logprobs, "max_tokens": 400, "temperature": 1.0,
+    body = {"prompt": "def main():", "n": args.n, "logprobs": args.logprobs, "max_tokens": args.max_tokens,
+            "temperature": 1.0,
             "ignore_eos": True, "stream": True}
     with tempfile.TemporaryDirectory() as tmp:
         server = Server("attnserve", cmd, port, {}, Path(tmp) / "server.log")
