@@ -2,9 +2,12 @@
 
 Every step spends a token budget (max_num_batched_tokens) over at most max_num_seqs sequences:
 running decodes first (one token each, they keep latency low), then running prefills that were
-chunked, then waiting sequences in arrival order. A prompt longer than what is left of the budget
-is split into chunks over several steps. When the KV pool runs dry, the most recently admitted
-running sequence is preempted: its blocks are freed and it is recomputed later.
+chunked, then waiting sequences in the policy's order (fair, fcfs or priority: _admission_key, and
+docs/architecture.md). A prompt longer than what is left of the budget is split into chunks over
+several steps. When the KV pool runs dry, a running sequence is preempted (the policy's _victim): its
+blocks are freed and it is recomputed later. Under fair and priority a waiting sequence may also
+preempt one with less claim to run (_victim_for). A paused request (its output unread) is neither
+run nor admitted.
 
 With prefix caching, a sequence admitted without KV first takes the longest chain of cached full blocks that
 matches its tokens (always leaving at least one token to compute, so its next token gets fresh logits), and

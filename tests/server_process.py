@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -46,6 +49,19 @@ class ServerProcess:
 
     def log(self) -> str:
         return Path(self.log_file.name).read_text(errors="replace")
+
+    def metrics(self) -> dict[str, float]:
+        """/metrics as name -> value, with `{finished_reason}` after the name where a series has that label."""
+        from clients.prometheus import parse_metrics
+
+        with self.client() as http:
+            parsed = parse_metrics(http.get("/metrics").text)
+        out = {}
+        for name, samples in parsed.items():
+            for sample in samples:
+                reason = sample.labels.get("finished_reason")
+                out[f"{name}{{{reason}}}" if reason else name] = sample.value
+        return out
 
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60.0), **kwargs)
@@ -131,3 +147,27 @@ class InProcessServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def address(proc: ServerProcess) -> tuple[str, int]:
+    host, port = proc.url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def open_stream(proc: ServerProcess, payload: dict, rcvbuf: int | None = None) -> socket.socket:
+    """Send a streamed completion on a raw socket and read nothing."""
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connecting: it sizes the window
+    sock.settimeout(30)
+    sock.connect(address(proc))
+    body = json.dumps({**payload, "stream": True}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    return sock
+
+
+def reset(sock: socket.socket) -> None:
+    """Hang up with RST, as a killed client or a proxy timing out does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()

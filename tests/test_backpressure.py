@@ -5,10 +5,7 @@ as an unpaused run, once the caller takes its outputs again. Over HTTP, with cli
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-import socket
-import struct
 import sys
 import time
 from pathlib import Path
@@ -16,9 +13,8 @@ from pathlib import Path
 import pytest
 
 import engine.async_engine as async_engine
-from clients.prometheus import parse_metrics
 from engine import AsyncEngine, SamplingParams
-from server_process import ServerProcess
+from server_process import ServerProcess, open_stream, reset
 
 
 @pytest.fixture(scope="module")
@@ -127,13 +123,6 @@ def _rss_mib(pid: int) -> float:
     return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1)) / 1024
 
 
-def _series(proc: ServerProcess) -> dict[str, float]:
-    with proc.client() as http:
-        parsed = parse_metrics(http.get("/metrics").text)
-    return {name + "".join(f"{{{v}}}" for k, v in sample.labels.items() if k != "model_name"): sample.value
-            for name, samples in parsed.items() for sample in samples}
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's RSS from /proc")
 def test_32_streams_nobody_reads_cost_no_engine_time_and_free_everything_on_hang_up(llama):
     """The issue's case: 32 streamed requests (n=16, 20 logprobs) whose clients never read. Once the socket buffers
@@ -146,23 +135,14 @@ def test_32_streams_nobody_reads_cost_no_engine_time_and_free_everything_on_hang
     with ServerProcess(llama, "--max-model-len", "32768", "--num-kv-blocks", "16384", startup_timeout=90) as proc:
         with proc.client() as http:
             assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4}).status_code == 200
-        before = _series(proc)
+        before = proc.metrics()
         rss_before = _rss_mib(proc.proc.pid)
-        body = json.dumps({"prompt": "Once upon a time", "n": 16, "logprobs": 20, "max_tokens": 16000,
-                           "ignore_eos": True, "stream": True}).encode()
-        socks = []
-        for _ in range(32):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: it sizes the window
-            host, port = proc.url.removeprefix("http://").rsplit(":", 1)
-            sock.connect((host, int(port)))
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            socks.append(sock)
+        payload = {"prompt": "Once upon a time", "n": 16, "logprobs": 20, "max_tokens": 16000, "ignore_eos": True}
+        socks = [open_stream(proc, payload, rcvbuf=4096) for _ in range(32)]
         opened = time.monotonic()
         try:
             deadline = opened + 60
-            while (now := _series(proc))["attnserve_num_requests_waiting"] < 32 or \
+            while (now := proc.metrics())["attnserve_num_requests_waiting"] < 32 or \
                     now["attnserve_num_requests_running"] > 0:
                 assert time.monotonic() < deadline, f"not every unread request was paused: {now}"
                 time.sleep(0.2)
@@ -170,7 +150,7 @@ def test_32_streams_nobody_reads_cost_no_engine_time_and_free_everything_on_hang
             tokens = now["attnserve_generation_tokens_total"]
             rss_paused = _rss_mib(proc.proc.pid)
             time.sleep(max(3.0, 30 - (time.monotonic() - opened)))  # unread for the issue's 30 s at least
-            now = _series(proc)
+            now = proc.metrics()
             assert now["attnserve_generation_tokens_total"] == tokens, "paused requests still took engine time"
             assert now["attnserve_kv_cache_usage_perc"] == 0  # paused: no KV block held
             rss_end = _rss_mib(proc.proc.pid)
@@ -179,11 +159,10 @@ def test_32_streams_nobody_reads_cost_no_engine_time_and_free_everything_on_hang
                   f"{time.monotonic() - opened:.0f} s after the streams opened")
             assert rss_end - rss_paused < 16, (rss_paused, rss_end)
         finally:
-            for sock in socks:  # hang up with RST
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()
+            for sock in socks:
+                reset(sock)
         hung_up = time.monotonic()
-        while (now := _series(proc))["attnserve_num_requests_waiting"] > 0 or now["attnserve_kv_cache_usage_perc"] > 0:
+        while (now := proc.metrics())["attnserve_num_requests_waiting"] > 0 or now["attnserve_kv_cache_usage_perc"] > 0:
             assert time.monotonic() - hung_up < 1.0, now
             time.sleep(0.05)
         aborts = now["attnserve_request_success_total{abort}"] - before.get("attnserve_request_success_total{abort}", 0)

@@ -4,6 +4,7 @@ keep being served meanwhile."""
 
 from __future__ import annotations
 
+import resource
 import socket
 import time
 
@@ -12,7 +13,21 @@ import pytest
 from server_process import InProcessServer
 
 HEAD_TIMEOUT = 1.0
-MAX_CONNECTIONS = 40
+IDLE = 500  # the issue's count of idle sockets
+MAX_CONNECTIONS = IDLE + 20  # room for them, the slow one and the test's own client
+# Both ends of every connection live in this process (the server runs in a thread of it).
+FDS_NEEDED = 2 * MAX_CONNECTIONS + 200
+
+
+@pytest.fixture(scope="module", autouse=True)
+def enough_file_descriptors():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < FDS_NEEDED:
+        if hard != resource.RLIM_INFINITY and hard < FDS_NEEDED:
+            pytest.skip(f"needs {FDS_NEEDED} file descriptors; the hard limit (ulimit -Hn) is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (FDS_NEEDED, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +55,7 @@ def closed_by_server(sock: socket.socket, within: float) -> bool:
 
 
 def test_idle_and_slow_connections_are_closed_while_requests_are_served(server):
-    idle = [connect(server) for _ in range(30)]
+    idle = [connect(server) for _ in range(IDLE)]
     slow = connect(server)
     start = time.monotonic()
     slow_closed_after = None

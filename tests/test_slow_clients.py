@@ -15,24 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import os
 import re
 import resource
 import socket
-import struct
 import sys
 import time
 from collections.abc import Callable
 
 import pytest
 
-from clients.prometheus import parse_metrics
 from server.accept_errors import AcceptErrorLog, ListeningSocket
 from server.cli import parse_serve_args
 from server.config import ServerConfig
-from server_process import ServerProcess
+from server_process import ServerProcess, address, open_stream, reset
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and uses prlimit")
 
@@ -64,44 +61,8 @@ def wait_until(pred: Callable[[], bool], timeout: float, what: str, every: float
         time.sleep(every)
 
 
-def address(proc: ServerProcess) -> tuple[str, int]:
-    host, port = proc.url.removeprefix("http://").split(":")
-    return host, int(port)
-
-
-def metrics(proc: ServerProcess) -> dict[str, float]:
-    """name{finished_reason} -> value for the few series these tests read."""
-    with proc.client() as http:
-        parsed = parse_metrics(http.get("/metrics").text)
-    out = {}
-    for name, samples in parsed.items():
-        for sample in samples:
-            reason = sample.labels.get("finished_reason")
-            out[f"{name}{{{reason}}}" if reason else name] = sample.value
-    return out
-
-
 def request_lines(proc: ServerProcess) -> list[str]:
     return [line for line in proc.log().splitlines() if "request finished" in line]
-
-
-def open_stream(proc: ServerProcess, payload: dict, rcvbuf: int | None = None) -> socket.socket:
-    """Send a streamed completion on a raw socket and read nothing."""
-    sock = socket.socket()
-    if rcvbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connecting: it sizes the window
-    sock.settimeout(30)
-    sock.connect(address(proc))
-    body = json.dumps({**payload, "stream": True}).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    return sock
-
-
-def reset(sock: socket.socket) -> None:
-    """Hang up with RST, as a killed client or a proxy timing out does."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 def test_the_stream_write_timeout_flag_takes_positive_seconds():
@@ -196,7 +157,7 @@ def test_accept_errors_at_the_descriptor_limit_are_a_line_not_a_storm(impatient)
 
 
 def test_a_stream_nobody_reads_is_aborted_after_the_write_timeout(impatient):
-    before = metrics(impatient)
+    before = impatient.metrics()
     lines_before = len(request_lines(impatient))
     # Long (it would run for minutes) and bulky (64 events of about 1.5 KB a step, with 20 logprobs each), so the
     # socket buffers (about 4 MB on loopback, whatever the client's receive buffer) and then the transport's fill
@@ -215,8 +176,8 @@ def test_a_stream_nobody_reads_is_aborted_after_the_write_timeout(impatient):
         assert re.search(r"closing the connection of 127\.0\.0\.1:\d+: its response has waited 2 s for it to read",
                          impatient.log()), impatient.log()[-2000:]
         # The engine request was aborted (not finished), and its KV blocks are free.
-        wait_until(lambda: metrics(impatient)["attnserve_num_requests_running"] == 0, 5, "the engine to be idle")
-        after = metrics(impatient)
+        wait_until(lambda: impatient.metrics()["attnserve_num_requests_running"] == 0, 5, "the engine to be idle")
+        after = impatient.metrics()
         aborted = after["attnserve_request_success_total{abort}"] - before["attnserve_request_success_total{abort}"]
         assert aborted == prompts
         assert after["attnserve_kv_cache_usage_perc"] == 0
@@ -232,7 +193,7 @@ def test_a_stream_nobody_reads_is_aborted_after_the_write_timeout(impatient):
 
 
 def test_a_client_that_resets_after_generation_ended_is_logged_499_without_send_warnings(patient):
-    before = metrics(patient)
+    before = patient.metrics()
     lines_before = len(request_lines(patient))
     # 10 prompts x n=16 x 200 tokens: 32,000 events of about 340 bytes (usage in every chunk), about 11 MB, of which
     # the socket buffers hold about 4 MB when the engine finishes (the client reads nothing until then); the rest is
@@ -243,7 +204,7 @@ def test_a_client_that_resets_after_generation_ended_is_logged_499_without_send_
                                  "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
     try:
         def engine_done() -> bool:
-            now = metrics(patient)
+            now = patient.metrics()
             done = now["attnserve_request_success_total{length}"] - before["attnserve_request_success_total{length}"]
             return done == prompts
         wait_until(engine_done, 120, "the engine to finish the requests", every=0.25)
@@ -265,6 +226,6 @@ def test_a_client_that_resets_after_generation_ended_is_logged_499_without_send_
     time.sleep(0.5)  # any warnings would have come with the writes, before the line
     assert "socket.send() raised exception" not in patient.log()
     # The engine had finished every request: they count under their finish reason, as in vLLM, not as aborts.
-    after = metrics(patient)
+    after = patient.metrics()
     assert after["attnserve_request_success_total{abort}"] == before["attnserve_request_success_total{abort}"]
     assert after["attnserve_kv_cache_usage_perc"] == 0
