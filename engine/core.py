@@ -4,8 +4,9 @@ It knows nothing of text: a request arrives as token ids with its SamplingParams
 that advanced, the new token id (and logprob) and a finish reason decided from tokens alone (eos, stop token ids,
 max_tokens, max_model_len). A request that asks for prompt logprobs gets them with each sample's first output: every
 sample computes them (each prefills its own copy of the prompt anyway), so whichever reports first carries them.
-Its interface is three plain-data messages, so that it could run in another process: add (a PreparedRequest),
-abort (a request id, optionally one sample of it) and the step's CoreStepOutput. The text side (tokenizing,
+Its interface is plain-data messages, so that it could run in another process: add (a PreparedRequest), abort (a
+request id, optionally one sample of it), pause and resume (a request id: backpressure) and the step's
+CoreStepOutput. The text side (tokenizing,
 detokenizing, stop strings, RequestOutputs) is engine/output_processor.py; LLMEngine joins them.
 """
 
