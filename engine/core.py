@@ -6,8 +6,8 @@ max_tokens, max_model_len). A request that asks for prompt logprobs gets them wi
 sample computes them (each prefills its own copy of the prompt anyway), so whichever reports first carries them.
 Its interface is plain-data messages, so that it could run in another process: add (a PreparedRequest), abort (a
 request id, optionally one sample of it), pause and resume (a request id: backpressure) and the step's
-CoreStepOutput. The text side (tokenizing,
-detokenizing, stop strings, RequestOutputs) is engine/output_processor.py; LLMEngine joins them.
+CoreStepOutput. The text side (tokenizing, detokenizing, stop strings, RequestOutputs) is engine/output_processor.py;
+LLMEngine joins them.
 """
 
 from __future__ import annotations
