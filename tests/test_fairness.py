@@ -24,7 +24,7 @@ def demo_server():
         yield srv
 
 
-def _choices(body: dict) -> dict[int, list[str]]:
+def _choices(body: dict) -> dict[int, dict]:
     return {c["index"]: c for c in body["choices"]}
 
 
