@@ -79,9 +79,9 @@ class Scheduler:
         return bool(self._waiting or self.running)
 
     def has_schedulable(self) -> bool:
-        """Is there anything to step? Paused requests wait for their reader, not for the engine."""
-        return any(seq.request_id not in self.paused for seq in self.running) or \
-            any(request_id not in self.paused for request_id in self._waiting)
+        """Is there anything to step? Paused requests wait for their reader, not for the engine (pause() took their
+        sequences out of the batch, and admission skips them)."""
+        return bool(self.running) or any(request_id not in self.paused for request_id in self._waiting)
 
     def pause(self, request_id: str) -> None:
         """Stop scheduling a request (its client is not reading its output): its running sequences are preempted,

@@ -50,6 +50,13 @@ class ServerProcess:
     def log(self) -> str:
         return Path(self.log_file.name).read_text(errors="replace")
 
+    def rss_kib(self) -> int:
+        """The server's resident memory (VmRSS), in KiB (Linux)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError(f"no VmRSS for pid {self.proc.pid}")
+
     def metrics(self) -> dict[str, float]:
         """/metrics as name -> value, with `{finished_reason}` after the name where a series has that label."""
         from clients.prometheus import parse_metrics

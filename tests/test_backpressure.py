@@ -5,10 +5,8 @@ as an unpaused run, once the caller takes its outputs again. Over HTTP, with cli
 from __future__ import annotations
 
 import asyncio
-import re
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -119,10 +117,6 @@ def test_merging_the_prompts_of_one_request_keeps_the_backpressure():
 # ---- over HTTP: 32 streams whose clients never read ------------------------------------------------------------
 
 
-def _rss_mib(pid: int) -> float:
-    return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1)) / 1024
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's RSS from /proc")
 def test_32_streams_nobody_reads_cost_no_engine_time_and_free_everything_on_hang_up(llama):
     """The issue's case: 32 streamed requests (n=16, 20 logprobs) whose clients never read. Once the socket buffers
@@ -136,7 +130,7 @@ def test_32_streams_nobody_reads_cost_no_engine_time_and_free_everything_on_hang
         with proc.client() as http:
             assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4}).status_code == 200
         before = proc.metrics()
-        rss_before = _rss_mib(proc.proc.pid)
+        rss_before = proc.rss_kib() / 1024
         payload = {"prompt": "Once upon a time", "n": 16, "logprobs": 20, "max_tokens": 16000, "ignore_eos": True}
         socks = [open_stream(proc, payload, rcvbuf=4096) for _ in range(32)]
         opened = time.monotonic()
@@ -148,12 +142,12 @@ def test_32_streams_nobody_reads_cost_no_engine_time_and_free_everything_on_hang
                 time.sleep(0.2)
             paused_after = time.monotonic() - opened
             tokens = now["attnserve_generation_tokens_total"]
-            rss_paused = _rss_mib(proc.proc.pid)
+            rss_paused = proc.rss_kib() / 1024
             time.sleep(max(3.0, 30 - (time.monotonic() - opened)))  # unread for the issue's 30 s at least
             now = proc.metrics()
             assert now["attnserve_generation_tokens_total"] == tokens, "paused requests still took engine time"
             assert now["attnserve_kv_cache_usage_perc"] == 0  # paused: no KV block held
-            rss_end = _rss_mib(proc.proc.pid)
+            rss_end = proc.rss_kib() / 1024
             print(f"all paused after {paused_after:.1f} s, {tokens - before['attnserve_generation_tokens_total']:.0f} "
                   f"tokens generated; RSS {rss_before:.0f} -> {rss_paused:.0f} MiB when paused -> {rss_end:.0f} MiB "
                   f"{time.monotonic() - opened:.0f} s after the streams opened")

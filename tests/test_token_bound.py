@@ -94,13 +94,6 @@ def test_encode_refuses_a_text_that_cannot_fit_before_tokenizing_it():
     assert tok.encode(short, max_tokens=512) == tok.encode(short)  # under the bound: tokenized as before
 
 
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def test_huge_prompts_are_refused_quickly_and_memory_comes_back(make_ckpt):
     with ServerProcess(make_ckpt("llama"), "--max-model-len", "256") as server, \
             httpx.Client(base_url=server.url, timeout=60) as http:
@@ -115,7 +108,7 @@ def test_huge_prompts_are_refused_quickly_and_memory_comes_back(make_ckpt):
         for name, (route, body, param) in bodies.items():  # the first of each, before measuring memory
             response = http.post(route, json=body)
             assert response.status_code == 400 and response.json()["error"]["param"] == param, name
-        baseline = _rss_kib(server.proc.pid)
+        baseline = server.rss_kib()
         slowest = 0.0
         for _ in range(17):
             for route, body, _param in bodies.values():
@@ -124,5 +117,5 @@ def test_huge_prompts_are_refused_quickly_and_memory_comes_back(make_ckpt):
                 slowest = max(slowest, time.perf_counter() - start)
         # Loosely: about 10-60 ms each on the 2-core CI machine (docs/reliability.md), against seconds to tokenize.
         assert slowest < 1.0, slowest
-        assert _rss_kib(server.proc.pid) < baseline * 1.1, (baseline, _rss_kib(server.proc.pid))
+        assert server.rss_kib() < baseline * 1.1, (baseline, server.rss_kib())
         assert http.post("/v1/completions", json=small).status_code == 200
