@@ -25,6 +25,8 @@ class Message(TypedDict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: NotRequired[str | list[dict[str, Any]] | None]
     name: NotRequired[str]
+    tool_calls: NotRequired[list[dict[str, Any]]]  # an assistant's calls, as the server returned them
+    tool_call_id: NotRequired[str]  # a tool message: the call it answers
 
 
 class _SamplingParams(TypedDict, total=False):
@@ -53,6 +55,9 @@ class _SamplingParams(TypedDict, total=False):
     return_tokens_as_token_ids: bool
     cache_salt: str
     priority: int  # only with a server started with --scheduling-policy priority
+    # structured outputs: one of json, regex, choice, grammar, json_object (and whitespace_pattern)
+    structured_outputs: dict[str, Any]
+    response_format: dict[str, Any]  # {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}
     # client-side: merged into the body / the request's timeout in seconds
     extra_body: dict[str, Any]
     timeout: float
@@ -74,8 +79,9 @@ class ChatCompletionParams(_SamplingParams, total=False):
     max_completion_tokens: int
     logprobs: bool
     top_logprobs: int
-    response_format: dict[str, Any]
     tools: list[dict[str, Any]]
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any]
+    parallel_tool_calls: bool
     add_generation_prompt: bool
     continue_final_message: bool
     chat_template_kwargs: dict[str, Any]

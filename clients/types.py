@@ -82,9 +82,24 @@ class ChatLogprobs(_Model):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(_Model):
+    name: str | None = None  # None in a streamed call's later pieces
+    arguments: str = ""  # JSON text; streamed in fragments
+
+
+class ToolCall(_Model):
+    """A call in a message; in a stream, a piece of one: `index` says which, id and name come with its first piece."""
+
+    index: int | None = None
+    id: str | None = None
+    type: str | None = "function"
+    function: FunctionCall = FunctionCall()
+
+
 class ChatMessage(_Model):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_Model):
@@ -114,6 +129,7 @@ class ChatCompletion(_Model):
 class ChatDelta(_Model):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChunkChoice(_Model):

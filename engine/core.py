@@ -24,6 +24,7 @@ from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.structured_output import CompiledGrammar
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ class PreparedRequest:
     cache_salt: str | None = None
     priority: int = 0  # lower runs first, under the priority scheduling policy
     group: str | None = None  # the fair policy's unit (None: this request alone), e.g. one HTTP request's prompts
+    # params.structured_outputs compiled (engine/structured_output.py). Not plain data: a core in its own process would
+    # compile params.structured_outputs again on its side, from the grammar cache it would then own.
+    grammar: CompiledGrammar | None = None
 
 
 @dataclass
@@ -98,7 +102,8 @@ class EngineCore:
     def add(self, req: PreparedRequest) -> None:
         first = self._next_seq_id
         seqs = [Sequence(first + index, req.request_id, index, req.prompt_token_ids, req.params, req.max_tokens,
-                         req.cache_salt, req.priority, arrival=first, group=req.group) for index in range(req.params.n)]
+                         req.cache_salt, req.priority, arrival=first, group=req.group,
+                         matcher=req.grammar.new_matcher() if req.grammar else None) for index in range(req.params.n)]
         self._next_seq_id += req.params.n
         self._seqs[req.request_id] = seqs
         for seq in seqs:

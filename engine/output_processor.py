@@ -22,6 +22,7 @@ from engine.kv_cache import blocks_for
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams, check_token_ids
 from engine.stats import FinishedRequestStats, IterationStats, RequestTimes
+from engine.structured_output import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class OutputProcessor:
         self.info = info
         self.tokenizer = info.tokenizer
         self.eos_token_ids = eos_token_ids
+        self.grammars = GrammarCompiler(info.tokenizer, info.vocab_size, eos_token_ids)
         self._requests: dict[str, _RequestState] = {}
         # Off by default so that an offline run does not accumulate measurements nobody collects.
         self.collect_stats = False
@@ -107,8 +109,10 @@ class OutputProcessor:
         if priority != 0 and info.scheduling_policy != "priority":
             raise ValidationError(f"priority is only allowed with the priority scheduling policy (this server uses "
                                   f"{info.scheduling_policy!r}; start it with --scheduling-policy priority)", "priority")
+        # Last: compiling a grammar is the costliest check (cached; time-limited).
+        grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
         return PreparedRequest(request_id, text, ids, params, max_tokens, arrival_time or time.monotonic(), cache_salt,
-                               priority, request_id if group is None else group)
+                               priority, request_id if group is None else group, grammar)
 
     def add(self, req: PreparedRequest) -> None:
         if req.request_id in self._requests:
@@ -154,7 +158,7 @@ class OutputProcessor:
                 completion = CompletionOutput(out.index, "", [], None if no_logprobs else [], out.finish_reason)
             else:
                 self._record_token(state, sample, step.finished_at)
-                completion = self._detokenize(sample, out)
+                completion = self._detokenize(sample, state.request.params, out)
             if completion.finish_reason is not None and out.finish_reason is None:
                 stopped.append((out.request_id, out.index))
             deltas.setdefault(out.request_id, []).append(completion)
@@ -171,13 +175,15 @@ class OutputProcessor:
             outputs.append(output)
         return outputs, stopped
 
-    def _detokenize(self, sample: _Sample, out: CoreOutput) -> CompletionOutput:
+    def _detokenize(self, sample: _Sample, params: SamplingParams, out: CoreOutput) -> CompletionOutput:
         """The text a new token adds; a stop string found in it ends the sample."""
         detok = sample.detokenizer
         sample.token_ids.append(out.token_id)
         reason, stop_reason = out.finish_reason, out.stop_reason
-        if reason == "stop":
-            # Ended by eos or a stop token: that token is not part of the text.
+        if reason == "stop" and (stop_reason is not None or (out.token_id in params.eos_token_ids
+                                                             and not params.ignore_eos)):
+            # Ended by eos or a stop token: that token is not part of the text. (A sample whose grammar ended is
+            # "stop" too, but its last token is text.)
             text = detok.flush()
         else:
             text, stop_str = detok.step(sample.token_ids)

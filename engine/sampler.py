@@ -1,7 +1,8 @@
-"""Turns a batch of next-token logits into token ids, plus logprobs under the raw model distribution.
+"""Turns a batch of next-token logits into token ids, plus logprobs under the raw model distribution (after the
+row's grammar mask, for structured outputs).
 
 Order of operations (vLLM / OpenAI / HF conventions):
-    logit_bias -> min_tokens -> repetition penalty -> presence/frequency penalty -> greedy argmax
+    grammar mask -> logit_bias -> min_tokens -> repetition penalty -> presence/frequency penalty -> greedy argmax
     -> temperature -> top-k -> top-p -> min-p -> sample.
 
 Every step works on the whole batch at once with per-row parameter tensors; Python only loops over
@@ -26,6 +27,7 @@ import torch
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
+from engine.structured_output import mask_logits
 from kernels.transfer import to_device
 
 
@@ -40,6 +42,9 @@ class Sampler:
         """Sample one token per row. logits: [num_seqs, vocab] (any float dtype), row i belongs to seqs[i]."""
         if logits.dim() != 2 or logits.shape[0] != len(seqs):
             raise ValueError(f"logits must be [num_seqs={len(seqs)}, vocab], got {tuple(logits.shape)}")
+        # Structured outputs first: what the grammar forbids is gone before any other processing, and logprobs report
+        # the distribution the sample was drawn from (docs: "logprobs under a grammar").
+        logits = mask_logits(logits, seqs)
         processed = apply_logit_processors(logits, seqs)
         token_ids = _choose_tokens(processed, seqs)
         logprob_tensors = _raw_logprobs(logits, token_ids, seqs)
@@ -262,7 +267,9 @@ def _unpack(values: list[float], t: _LogprobTensors, tops: list[int]) -> Sampler
     outputs: list[TokenLogprob | None] = [None] * num_rows
     for j, (i, n) in enumerate(zip(t.rows, tops)):
         first = j * num_top
-        top = [(int(tok), lp) for tok, lp in zip(top_ids[first : first + n], top_logprobs[first : first + n])]
+        # Tokens a grammar forbids (-inf) are no alternatives: top lists only tokens the row could have sampled.
+        top = [(int(tok), lp) for tok, lp in zip(top_ids[first : first + n], top_logprobs[first : first + n])
+               if lp != float("-inf")]
         outputs[i] = TokenLogprob(token_id=tokens[i], logprob=chosen[j], rank=int(ranks[j]), top=top)
     return SamplerOutput(tokens, outputs)
 

@@ -7,12 +7,96 @@ this dataclass one field at a time.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.errors import ValidationError
 
 MAX_LOGPROBS = 20
 MAX_N = 128
+# The largest grammar text a request may bring (a JSON schema once serialized, a regex, a grammar, the choices
+# together): compiling is superlinear in it, and a hostile megabyte must be refused before any work is done.
+MAX_GRAMMAR_CHARS = 64 * 1024
+MAX_CHOICES = 1024
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrain a request's output (vLLM's StructuredOutputsParams): exactly one of a JSON schema (`json`, an object
+    or its text), any JSON object (`json_object`), a regular expression (`regex`, Rust regex syntax, matched against
+    the whole output), one of some strings (`choice`), or a grammar (`grammar`: llguidance's Lark syntax, or GBNF as
+    llama.cpp writes it). `whitespace_pattern` replaces the regex JSON may put between its tokens
+    (engine/structured_output.py has the bounded default)."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    whitespace_pattern: str | None = None
+
+    KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+    def __post_init__(self) -> None:
+        given = [k for k in self.KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            named = ", ".join(given) if given else "none"
+            raise ValidationError(f"structured outputs need exactly one of {', '.join(self.KINDS)}; got {named}",
+                                  "structured_outputs")
+        _check_grammar_text("whitespace_pattern", self.whitespace_pattern, allow_none=True)
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValidationError("structured_outputs.json must be a JSON schema (an object, or its text)",
+                                  "structured_outputs")
+        if isinstance(self.json, str):
+            try:
+                parsed = json.loads(self.json)
+            except ValueError as exc:
+                raise ValidationError(f"structured_outputs.json is not valid JSON: {exc}", "structured_outputs") \
+                    from None
+            if not isinstance(parsed, (dict, bool)):
+                raise ValidationError("structured_outputs.json must be a JSON schema (an object)", "structured_outputs")
+        if self.json_object not in (None, True, False):
+            raise ValidationError("structured_outputs.json_object must be true or false", "structured_outputs")
+        _check_grammar_text("regex", self.regex, allow_none=True)
+        _check_grammar_text("grammar", self.grammar, allow_none=True)
+        if self.choice is not None:
+            if not isinstance(self.choice, (list, tuple)) or not self.choice:
+                raise ValidationError("structured_outputs.choice must be a non-empty list of strings",
+                                      "structured_outputs")
+            if len(self.choice) > MAX_CHOICES or not all(isinstance(c, str) and c for c in self.choice):
+                raise ValidationError(f"structured_outputs.choice must hold 1 to {MAX_CHOICES} non-empty strings",
+                                      "structured_outputs")
+        if len(self.text) > MAX_GRAMMAR_CHARS:
+            raise ValidationError(f"the structured-output {self.kind} has {len(self.text)} characters, more than the "
+                                  f"{MAX_GRAMMAR_CHARS} allowed; simplify it", "structured_outputs")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in self.KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def text(self) -> str:
+        """The constraint as one string: JSON schemas and choices serialized canonically, so equal constraints
+        compile once (engine/structured_output.py caches by this)."""
+        value = getattr(self, self.kind)
+        if self.kind == "json":
+            value = json.loads(value) if isinstance(value, str) else value
+            return json.dumps(value, sort_keys=True, ensure_ascii=False)
+        if self.kind == "choice":
+            return json.dumps(list(value), ensure_ascii=False)
+        return "" if self.kind == "json_object" else value
+
+    @property
+    def cache_key(self) -> tuple[str, str, str | None]:
+        return self.kind, self.text, self.whitespace_pattern
+
+
+def _check_grammar_text(name: str, value: Any, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, str) or not value:
+        raise ValidationError(f"structured_outputs.{name} must be a non-empty string", "structured_outputs")
 
 
 @dataclass
@@ -37,6 +121,7 @@ class SamplingParams:
     # Top-N logprobs per prompt token (the first has none); 0 = only the prompt token's own. See engine/core.py.
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output (engine/structured_output.py)
     # Filled by the engine from the model: eos ids that end a sequence unless ignore_eos.
     eos_token_ids: frozenset[int] = field(default_factory=frozenset, repr=False)
 
@@ -84,6 +169,8 @@ class SamplingParams:
         if self.stop_token_ids is not None:
             for tok in self.stop_token_ids:
                 _check_int("stop_token_ids", tok, 0, None)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValidationError("structured_outputs must be a StructuredOutputsParams", "structured_outputs")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise ValidationError("logit_bias must map token ids to biases in [-100, 100]", "logit_bias")

@@ -27,6 +27,7 @@ from engine.config import SchedulerConfig
 from engine.kv_cache import BlockPool, blocks_for
 from engine.outputs import TokenLogprob
 from engine.sequence import Sequence, SequenceStatus
+from engine.structured_output import accept_token
 
 
 @dataclass
@@ -207,7 +208,7 @@ class Scheduler:
         """Apply one step's result; the one place that writes a sequence's per-step state. The scheduled tokens'
         K/V are now cached, and their prompt logprobs (seq_id -> the next ones, for sequences that asked) recorded;
         each sampling sequence (in `out.scheduled` order) takes its token, and one that reached EOS, a stop token id,
-        max_tokens or max_model_len is finished by its tokens. A max_tokens=0 sequence whose prompt is now computed
+        max_tokens, max_model_len or the end of its grammar is finished by its tokens. A max_tokens=0 sequence whose prompt is now computed
         ends with "length". Returns the sampling sequences."""
         sampled = [seq for (seq, _), samples in zip(out.scheduled, out.samples) if samples]
         assert len(sampled) == len(token_ids), (len(sampled), len(token_ids))
@@ -220,6 +221,8 @@ class Scheduler:
         for seq, token in zip(sampled, token_ids):
             seq.append_token(token)
             reason, stop_reason = self._token_stop(seq, token)
+            if reason is None and seq.matcher is not None and accept_token(seq, token):
+                reason = "stop"  # the output is complete: its grammar allows nothing more
             if reason is not None:
                 self.finish(seq, reason, stop_reason)
         return sampled

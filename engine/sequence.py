@@ -7,6 +7,7 @@ its own KV blocks, so the scheduler only ever deals with Sequences.
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ class Sequence:
         priority: int = 0,
         arrival: int | None = None,
         group: str | None = None,
+        matcher: Any = None,
     ):
         self.seq_id = seq_id
         self.request_id = request_id
@@ -61,6 +63,8 @@ class Sequence:
         # Prompt logprobs, when the request asks for them: entry j is token j's given tokens 0..j-1 (entry 0 is None:
         # the first token has no prefix). They fill in as the prompt's chunks are computed (engine/model_runner.py).
         self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
+        # Structured outputs: the sample's grammar state (engine/structured_output.py), advanced by each token it samples.
+        self.matcher = matcher
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         # A seeded request draws its noise from its own generator, so its samples do not depend on

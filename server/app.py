@@ -14,7 +14,7 @@ from engine.async_engine import AsyncEngine
 from engine.errors import ValidationError
 from engine.sampling_params import check_token_ids
 from server import __version__
-from server.chat import create_chat_completion
+from server.chat import create_chat_completion, template_messages, template_tools
 from server.completions import create_completion
 from server.config import ServerConfig
 from server.errors import error_response, install_error_handlers
@@ -125,8 +125,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         def run() -> list[int]:
             if body.prompt is not None:
                 return tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-            messages = [m.model_dump(exclude_none=True) for m in body.messages]
-            return tokenizer.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
+            return tokenizer.encode_chat(template_messages(body.messages), tools=template_tools(body.tools),
+                                         add_generation_prompt=body.add_generation_prompt)
 
         ids = await ctx.off_loop(run)
         strs = [s or "" for s in tokenizer.convert_ids_to_tokens(ids)] if body.return_token_strs else None

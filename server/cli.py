@@ -85,6 +85,9 @@ class _Unsupported(argparse.Action):
         parser.error(f"{option_string} is a vLLM flag that attnserve does not support: {self.reason}")
 
 
+# server/tool_parsers.py's names (listed here, so that building the parser imports nothing heavy).
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
+
 # vLLM serve flags users carry over in launch scripts: (option strings, takes a value, values that are no-ops, why).
 UNSUPPORTED_VLLM_FLAGS: tuple[tuple[tuple[str, ...], bool, tuple[str, ...], str], ...] = (
     (("--trust-remote-code",), False, (),
@@ -141,6 +144,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                        help="report the engine dead (/health 503, requests end with an error) when one engine step "
                             "takes longer than this, as on a hung device; 0 turns the watchdog off (default: 120 on "
                             "CUDA; off on CPU, where a long prefill of a large model can legitimately take minutes)")
+
+    tools = p.add_argument_group("tool calling")
+    tools.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='let requests with tools use tool_choice "auto" (the default when tools are given): the '
+                            "model decides whether to call, and --tool-call-parser reads its calls")
+    tools.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+                       help="how the model writes tool calls: hermes (<tool_call>{...}</tool_call>: Qwen2.5, Qwen3, "
+                            "Hermes), llama3_json (Llama 3.1/3.2 JSON), mistral ([TOOL_CALLS][...])")
 
     http = p.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -235,6 +246,8 @@ def resolve_model_arg(parser: argparse.ArgumentParser, args: argparse.Namespace)
         if args.model is not None and args.model != args.model_tag:
             parser.error(f"the model is given twice, as {args.model_tag!r} and as --model {args.model!r}; give one")
         args.model = args.model_tag
+    if getattr(args, "enable_auto_tool_choice", False) and args.tool_call_parser is None:
+        parser.error("--enable-auto-tool-choice needs --tool-call-parser (one of " + ", ".join(TOOL_CALL_PARSERS) + ")")
     return args
 
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from engine.errors import ValidationError
 from server.errors import APIError
 from server.generation import (
     ChoiceState,
@@ -25,6 +26,7 @@ from server.generation import (
 )
 from server.logprobs import completion_logprobs, prompt_logprobs_json, with_top
 from server.protocol import CompletionRequest
+from server.structured import blame, constraint
 
 
 def _prompts(prompt) -> list[str | list[int]]:
@@ -56,8 +58,10 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     # echo with logprobs reports the prompt's tokens too, with as many alternatives as the completion's.
     echo_logprobs = req.logprobs if req.echo else None
     scored = [k for k in (echo_logprobs, req.prompt_logprobs) if k is not None]
+    found = constraint(req)
     params = sampling_params(req, ctx.engine.info.generation_defaults, max_tokens=req.max_tokens,
-                             logprobs=req.logprobs, prompt_logprobs=max(scored) if scored else None)
+                             logprobs=req.logprobs, prompt_logprobs=max(scored) if scored else None,
+                             structured_outputs=found and found.params)
     request_id = new_request_id("cmpl")
     tokenizer = ctx.tokenizer
 
@@ -70,8 +74,11 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
                                        max_tokens=ctx.engine.info.max_model_len,
                                        what="the prompt" if len(prompts) == 1 else f"prompt[{i}]")
             # One group: the fair policy shares the engine between client requests, not between their prompts.
-            out.append(ctx.engine.prepare(ids, params, f"{request_id}-{i}", cache_salt=req.cache_salt,
-                                          priority=req.priority, group=request_id))
+            try:
+                out.append(ctx.engine.prepare(ids, params, f"{request_id}-{i}", cache_salt=req.cache_salt,
+                                              priority=req.priority, group=request_id))
+            except ValidationError as exc:
+                raise blame(exc, found) from None
         return out
 
     prepared = await ctx.off_loop(prepare)

@@ -38,6 +38,9 @@ class ServerConfig:
     stream_write_timeout_s: float = 60.0
     max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS  # more is a 400 that says to split the request
     max_response_logprobs: int = DEFAULT_MAX_RESPONSE_LOGPROBS  # more is a 400 that says to stream or split
+    # The parser that reads tool calls out of a model's text for tool_choice "auto" (server/tool_parsers.py); None:
+    # auto tool choice is off (--enable-auto-tool-choice), and such requests get 400.
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         if not self.served_model_names:

@@ -22,7 +22,7 @@ from engine.async_engine import AsyncEngine, RequestStream
 from engine.errors import EngineDeadError, ValidationError
 from engine.core import PreparedRequest
 from engine.outputs import CompletionOutput, TokenLogprob
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, StructuredOutputsParams
 from server.config import ServerConfig
 from server.errors import APIError, as_api_error, sse_error
 from server.http_protocol import client_gone
@@ -75,7 +75,8 @@ def new_request_id(prefix: str) -> str:
 
 
 def sampling_params(req: SamplingFields, defaults: Mapping[str, Any], *, max_tokens: int | None,
-                    logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+                    logprobs: int | None, prompt_logprobs: int | None = None,
+                    structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
     """Map API fields onto SamplingParams. Fields the client left out take the model's generation_config.json
     values (as vLLM does), then the library defaults."""
 
@@ -100,6 +101,7 @@ def sampling_params(req: SamplingFields, defaults: Mapping[str, Any], *, max_tok
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        structured_outputs=structured_outputs,
     )
 
 

@@ -22,6 +22,7 @@ MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS = 1024
 MAX_PROMPTS = 256  # prompts in one batched completions request
 MAX_CACHE_SALT_CHARS = 1024
+MAX_TOOLS = 128
 
 
 
@@ -91,7 +92,43 @@ class SamplingFields(_Strict):
         "--scheduling-policy priority; any other value than 0 is refused under the other policies."))
 
 
-class CompletionRequest(SamplingFields):
+class StructuredOutputsField(_Strict):
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON schema (object or text)")
+    regex: str | None = Field(None, description="Rust regex syntax; the whole output matches it")
+    choice: list[str] | None = Field(None, description="the output is exactly one of these strings")
+    grammar: str | None = Field(None, description="llguidance's Lark syntax, or GBNF (llama.cpp's)")
+    json_object: bool | None = Field(None, description="any JSON object")
+    whitespace_pattern: str | None = Field(None, description=(
+        "regex for the whitespace JSON may put between tokens (default: at most one space)"))
+    disable_any_whitespace: bool = Field(False, description="JSON with no whitespace between tokens")
+
+
+class ConstrainedFields(SamplingFields):
+    """Structured outputs, on both routes: vLLM's structured_outputs, and its older guided_* fields."""
+
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=256)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class CompletionRequest(ConstrainedFields):
     prompt: Union[
         str,
         Annotated[list[str], Field(max_length=MAX_PROMPTS)],
@@ -105,6 +142,7 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
     best_of: Int | None = Field(None, ge=1, le=MAX_N)
     add_special_tokens: bool = True
+    response_format: ResponseFormat | None = None
 
 
 class TextPart(_Strict):
@@ -121,18 +159,39 @@ class ChatMessage(_Strict):
     name: str | None = None
 
 
-class ResponseFormat(_Strict):
-    type: Literal["text", "json_object", "json_schema"]
+class FunctionDefinition(_Strict):
+    name: str = Field(min_length=1, max_length=256)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema for the arguments object")
+    strict: bool | None = None
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatTool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ChatCompletionRequest(ConstrainedFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Int | None = Field(None, ge=1, description="Deprecated by OpenAI in favour of max_completion_tokens.")
     max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Annotated[list[ChatTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(None, description=(
+        "none, auto (needs --enable-auto-tool-choice and --tool-call-parser), required, or a named function; "
+        "default: auto when tools are given"))
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
@@ -145,6 +204,7 @@ class TokenizeRequest(_Strict):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+    tools: Annotated[list[ChatTool], Field(max_length=MAX_TOOLS)] | None = None
 
 
 class DetokenizeRequest(_Strict):

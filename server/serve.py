@@ -124,6 +124,7 @@ def serve(args: argparse.Namespace) -> int:
         max_request_tokens=args.max_request_tokens, max_response_logprobs=args.max_response_logprobs,
         request_head_timeout_s=args.request_head_timeout, max_connections=args.max_connections or None,
         stream_write_timeout_s=args.stream_write_timeout,
+        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
     )
     warn_if_exposed(sock, args.api_key)
     app = build_app(async_engine, config)
