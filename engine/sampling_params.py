@@ -51,6 +51,8 @@ class StructuredOutputsParams:
         if isinstance(self.json, str):
             try:
                 parsed = json.loads(self.json)
+            except RecursionError:
+                raise ValidationError("structured_outputs.json nests too deeply", "structured_outputs") from None
             except ValueError as exc:
                 raise ValidationError(f"structured_outputs.json is not valid JSON: {exc}", "structured_outputs") \
                     from None
@@ -67,8 +69,12 @@ class StructuredOutputsParams:
             if len(self.choice) > MAX_CHOICES or not all(isinstance(c, str) and c for c in self.choice):
                 raise ValidationError(f"structured_outputs.choice must hold 1 to {MAX_CHOICES} non-empty strings",
                                       "structured_outputs")
-        if len(self.text) > MAX_GRAMMAR_CHARS:
-            raise ValidationError(f"the structured-output {self.kind} has {len(self.text)} characters, more than the "
+        try:
+            size = len(self.text)
+        except RecursionError:
+            raise ValidationError(f"the structured-output {self.kind} nests too deeply", "structured_outputs") from None
+        if size > MAX_GRAMMAR_CHARS:
+            raise ValidationError(f"the structured-output {self.kind} has {size} characters, more than the "
                                   f"{MAX_GRAMMAR_CHARS} allowed; simplify it", "structured_outputs")
 
     @property

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 # "[\\x20\\x0A]{0,16}" for indented JSON.
 DEFAULT_WHITESPACE = r"\x20?"
 COMPILE_TIMEOUT_S = 10.0
+COMPILE_WORKERS = 2
+COMPILE_STACK_BYTES = 128 * 2**20  # virtual: only the pages a deep grammar touches are ever committed
 GRAMMAR_CACHE_SIZE = 128
 
 
@@ -67,9 +70,8 @@ class GrammarCompiler:
         self._ll_tokenizer = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple, CompiledGrammar] = OrderedDict()
-        # Compiles run here, so that a caller can stop waiting for one that overruns its limit. llguidance's own
-        # fuel limits bound each compile's work, so a thread left behind still ends.
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-compile")
+        self._queue: queue.SimpleQueue[tuple[StructuredOutputsParams, Future]] = queue.SimpleQueue()
+        self._workers_started = False
 
     def compile(self, spec: StructuredOutputsParams) -> CompiledGrammar:
         key = spec.cache_key
@@ -77,7 +79,10 @@ class GrammarCompiler:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        future = self._pool.submit(self._build, spec)
+            if not self._workers_started:
+                self._start_workers()
+        future: Future = Future()
+        self._queue.put((spec, future))
         try:
             grammar = future.result(timeout=COMPILE_TIMEOUT_S)
         except FutureTimeout:
@@ -88,6 +93,29 @@ class GrammarCompiler:
             while len(self._cache) > GRAMMAR_CACHE_SIZE:
                 self._cache.popitem(last=False)
         return grammar
+
+    def _start_workers(self) -> None:
+        """Compiles run on these threads, so that a caller can stop waiting for one that overruns its limit
+        (llguidance's fuel limits bound each compile's work, so a thread left behind still ends). They get a large
+        stack: llguidance recurses once per level of a grammar's rule chain, and a 64 KiB grammar chaining ~6,000
+        rules overflows the default 8 MiB, which kills the process (SIGSEGV), not just the request."""
+        previous = threading.stack_size(COMPILE_STACK_BYTES)
+        try:
+            for i in range(COMPILE_WORKERS):
+                threading.Thread(target=self._work, name=f"grammar-compile-{i}", daemon=True).start()
+        finally:
+            threading.stack_size(previous)
+        self._workers_started = True
+
+    def _work(self) -> None:
+        while True:
+            spec, future = self._queue.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(self._build(spec))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller, which raises it
+                future.set_exception(exc)
 
     def _build(self, spec: StructuredOutputsParams) -> CompiledGrammar:
         llguidance = _llguidance()

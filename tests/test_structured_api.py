@@ -153,6 +153,12 @@ def test_named_tool_choice_gives_valid_arguments_streamed_as_deltas(client, serv
     assert fragments[0]["id"].startswith("call_") and fragments[0]["function"]["name"] == "get_weather"
     assert all("id" not in f and "name" not in f["function"] for f in fragments[1:]) and len(fragments) > 2
     assert "".join(f["function"]["arguments"] for f in fragments) == call.function.arguments
+    # The openai package assembles the same call from the stream.
+    pieces = [tc for chunk in client.chat.completions.create(model=MODEL, stream=True, **body)
+              for c in chunk.choices for tc in (c.delta.tool_calls or [])]
+    assert pieces[0].function.name == "get_weather" and pieces[0].id.startswith("call_")
+    assert {p.index for p in pieces} == {0}
+    assert "".join(p.function.arguments or "" for p in pieces) == call.function.arguments
 
 
 @pytest.mark.parametrize("parallel", [True, False])
@@ -230,6 +236,8 @@ def test_tool_calls_and_tool_results_round_trip_through_the_template(server):
     ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex", "only one"),
     ({"guided_json": {"type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 100}
                                                        for i in range(10000)}}}, "guided_json", "characters"),
+    ({"guided_json": '{"type": "array", "items": ' * 5000 + '{"type": "string"}' + "}" * 5000}, "guided_json",
+     "nests too deeply"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
      "not in tools"),
     ({"tool_choice": "required"}, "tool_choice", "needs tools"),

@@ -223,3 +223,32 @@ def test_a_compile_over_the_time_limit_is_refused(llm, monkeypatch):
     with pytest.raises(ValidationError, match="took longer than 0 s; simplify it") as err:
         llm.engine.processor.grammars.compile(StructuredOutputsParams(regex="[a-z]{1,40}x{3}"))  # not cached
     assert err.value.param == "structured_outputs"
+
+
+def _rule_chain(max_chars: int) -> str:
+    """A Lark grammar that chains as many rules as fit in max_chars: r0 -> "x" r1 -> ... -> "y"."""
+    lines, n = ["start: r0"], 0
+    while sum(map(len, lines)) + len(lines) < max_chars - 40:
+        lines.append(f'r{n}: "x" r{n + 1}')
+        n += 1
+    return "\n".join([*lines, f'r{n}: "y"'])
+
+
+def test_hostile_constraints_are_refused_or_served_never_fatal(llm):
+    """The deepest grammar that fits the size limit recurses ~4,500 levels in llguidance's compiler, past what the
+    default 8 MiB thread stack holds (a SIGSEGV of the whole process); deeply nested JSON recurses in Python."""
+    chain = _rule_chain(MAX_GRAMMAR_CHARS)
+    out = llm.generate("Hi", SamplingParams(temperature=0.0, **constrained(max_tokens=8, grammar=chain)),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.text == "x" * 8 and out.finish_reason == "length"
+    nested: dict = {"type": "string"}
+    for _ in range(5000):
+        nested = {"type": "array", "items": nested}
+    with pytest.raises(ValidationError, match="nests too deeply"):
+        StructuredOutputsParams(json=nested)
+    with pytest.raises(ValidationError, match="nests too deeply"):
+        StructuredOutputsParams(json="[" * 5000 + "]" * 5000)
+    with pytest.raises(ValidationError, match="invalid"):
+        llm.engine.processor.grammars.compile(StructuredOutputsParams(regex="(" * 20000 + "a" + ")" * 20000))
+    with pytest.raises(ValidationError, match="invalid"):
+        llm.engine.processor.grammars.compile(StructuredOutputsParams(grammar="root ::= " + "(" * 20000 + '"x"' + ")" * 20000))
