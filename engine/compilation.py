@@ -149,7 +149,9 @@ class CompiledModel:
         return hidden[:n]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        n = hidden.shape[0]
+        n, most = hidden.shape[0], self.row_buckets[-1]
+        if n > most:  # more rows than sequences: a speculative step samples at several rows of a sequence
+            return torch.cat([self.compute_logits(hidden[i : i + most]) for i in range(0, n, most)])
         pad = padded_to_bucket(n, self.row_buckets) - n
         return self._logits(F.pad(hidden, (0, 0, 0, pad)))[:n]
 

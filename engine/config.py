@@ -271,6 +271,18 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (engine/spec_decode.py), vLLM's speculative_config: each decode step proposes up to
+    num_speculative_tokens tokens by prompt lookup (the latest earlier occurrence of the sequence's last n tokens,
+    n from prompt_lookup_max down to prompt_lookup_min), and the model verifies them in the same forward."""
+
+    method: str  # "ngram"
+    num_speculative_tokens: int
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
@@ -282,3 +294,4 @@ class EngineConfig:
     load_format: str = "auto"  # "auto"/"safetensors": the checkpoint's weights; "dummy": random, from config.json
     enforce_eager: bool = False  # no torch.compile (CPU), no CUDA graphs for decode steps (CUDA)
     chat_template: str | None = None  # Jinja source that replaces the model's chat template (--chat-template)
+    speculative: SpeculativeConfig | None = None  # None: one token per sequence per step

@@ -24,6 +24,7 @@ from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.spec_decode import NgramProposer
 from engine.structured_output import CompiledGrammar
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,11 @@ class EngineStats:
     generation_tokens_total: int = 0
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found
+    # Speculative decoding (engine/spec_decode.py): sequences that speculated (one per sequence per step), their
+    # draft tokens, and the drafts accepted.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
 
 class EngineCore:
@@ -92,12 +98,14 @@ class EngineCore:
         self.config = _cap_max_model_len(config, num_blocks)
         self.runner.allocate_kv_cache(num_blocks, self.config.scheduler.max_model_len)
         self.pool = BlockPool(num_blocks)
+        proposer = NgramProposer(config.speculative) if config.speculative is not None else None
         self.scheduler = Scheduler(self.config.scheduler, config.cache.block_size, self.pool,
-                                   prefix_caching=config.cache.enable_prefix_caching)
+                                   prefix_caching=config.cache.enable_prefix_caching, proposer=proposer)
         self._seqs: dict[str, list[Sequence]] = {}  # request id -> its samples, until all of them finished
         self._next_seq_id = 0  # samples of a request get consecutive ids; the first is the request's arrival
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.spec_num_drafts = self.spec_num_draft_tokens = self.spec_num_accepted_tokens = 0
 
     def add(self, req: PreparedRequest) -> None:
         first = self._next_seq_id
@@ -142,14 +150,18 @@ class EngineCore:
                 raise RuntimeError("scheduler made no progress with requests pending (pool or budget misconfigured)")
             return CoreStepOutput()
         scheduled_at = time.monotonic()
-        result = self.runner.execute(sched.scheduled, sched.samples)
-        sampler_out = result.sampled
-        token_ids = [] if sampler_out is None else sampler_out.token_ids
-        sampled = self.scheduler.update_from_output(sched, token_ids, result.prompt_logprobs)
-        self.generation_tokens_total += len(sampled)
-        outputs = [CoreOutput(seq.request_id, seq.index, token, logprob, seq.finish_reason, seq.stop_reason,
-                              _first_prompt_logprobs(seq))
-                   for seq, token, logprob in zip(sampled, token_ids, sampler_out.logprobs if sampled else [])]
+        result = self.runner.execute(sched.scheduled, sched.samples, sched.spec_tokens)
+        taken = self.scheduler.update_from_output(sched, result.token_ids, result.prompt_logprobs)
+        self._count_speculation(sched.spec_tokens, taken, result.token_ids)
+        outputs = []
+        for (seq, tokens), logprobs in zip(taken, result.logprobs):
+            self.generation_tokens_total += len(tokens)
+            for i, token in enumerate(tokens):
+                last = i == len(tokens) - 1  # a finish belongs to the sample's last token of the step
+                outputs.append(CoreOutput(seq.request_id, seq.index, token, logprobs[i],
+                                          seq.finish_reason if last else None, seq.stop_reason if last else None,
+                                          _first_prompt_logprobs(seq) if i == 0 else None))
+        sampled = [seq for seq, _ in taken]
         # max_tokens=0: a sample that did not sample and is finished has had its prompt computed.
         ended = [seq for (seq, _), samples in zip(sched.scheduled, sched.samples) if not samples and seq.is_finished]
         outputs += [CoreOutput(seq.request_id, seq.index, None, None, seq.finish_reason, None,
@@ -158,6 +170,17 @@ class EngineCore:
             self._forget_if_done(request_id)
         admitted = [(seq.request_id, seq.index, seq.num_cached_tokens) for seq in sched.admitted]
         return CoreStepOutput(outputs, admitted, scheduled_at, time.monotonic(), sched.num_batched_tokens)
+
+    def _count_speculation(self, spec_tokens: dict[int, list[int]], taken: list[tuple[Sequence, list[int]]],
+                           emitted: list[list[int]]) -> None:
+        """vLLM's speculative-decoding counters: drafts proposed (sequences that speculated), their tokens, and the
+        tokens accepted (each emitted token but the last is a confirmed draft; a stop may cut the run later)."""
+        for (seq, _), tokens in zip(taken, emitted):
+            drafts = spec_tokens.get(seq.seq_id)
+            if drafts:
+                self.spec_num_drafts += 1
+                self.spec_num_draft_tokens += len(drafts)
+                self.spec_num_accepted_tokens += len(tokens) - 1
 
     def _forget_if_done(self, request_id: str) -> None:
         if all(seq.is_finished for seq in self._seqs.get(request_id, [])):
@@ -178,6 +201,9 @@ class EngineCore:
             generation_tokens_total=self.generation_tokens_total,
             prefix_cache_queries=self.scheduler.prefix_cache_queries,
             prefix_cache_hits=self.scheduler.prefix_cache_hits,
+            spec_num_drafts=self.spec_num_drafts,
+            spec_num_draft_tokens=self.spec_num_draft_tokens,
+            spec_num_accepted_tokens=self.spec_num_accepted_tokens,
         )
 
 

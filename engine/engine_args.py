@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from engine.chat_template import load_chat_template_arg
+from engine.spec_decode import parse_speculative_config
 from engine.config import (SCHEDULING_POLICIES, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig,
                            parse_dtype)
 from engine.errors import ValidationError
@@ -68,6 +69,9 @@ class EngineArgs:
     attention_backend: str | None = None
     load_format: str = "auto"
     enforce_eager: bool | None = None  # None: the ATTNSERVE_ENFORCE_EAGER environment variable, else False
+    # vLLM's: {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": a, "prompt_lookup_max": b}, or
+    # its JSON text (engine/spec_decode.py). None: no speculative decoding.
+    speculative_config: dict | str | None = None
 
     @classmethod
     def from_kwargs(cls, model: str | Path | None = None, **kwargs) -> EngineArgs:
@@ -105,6 +109,7 @@ class EngineArgs:
         except (ValueError, RuntimeError) as exc:
             raise ValidationError(str(exc), "attention_backend") from None
         chat_template = None if self.chat_template is None else load_chat_template_arg(self.chat_template)
+        speculative = parse_speculative_config(self.speculative_config)
         if self.model is None:
             model_dir = default_model_dir()
         else:
@@ -145,6 +150,7 @@ class EngineArgs:
             load_format=self.load_format,
             enforce_eager=self.enforce_eager if self.enforce_eager is not None else _env_enforce_eager(),
             chat_template=chat_template,
+            speculative=speculative,
         )
 
 

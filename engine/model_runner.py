@@ -27,8 +27,9 @@ from engine.kv_cache import allocate_kv_tensors, blocks_for, bytes_per_block
 from engine.models.common import ForwardContext
 from engine.models.loader import load_model
 from engine.outputs import TokenLogprob
-from engine.sampler import Sampler, SamplerOutput, score_tokens
+from engine.sampler import Sampler, score_tokens
 from engine.sequence import Sequence
+from engine.spec_decode import accepted, draft_rows
 from engine.step_inputs import StepBatch, StepInputs
 from kernels.backend import get_attention_backend
 from kernels.interface import BatchLayout
@@ -42,7 +43,10 @@ _SCORING_LOGITS = 1 << 24
 
 @dataclass
 class StepResult:
-    sampled: SamplerOutput | None  # the sampling sequences' tokens; None when none sampled
+    # Per sampling sequence, in order: the tokens it emits (one; or, speculating, its accepted drafts and one more)
+    # and their logprobs (None entries where it asked for none).
+    token_ids: list[list[int]]
+    logprobs: list[list[TokenLogprob | None]]
     prompt_logprobs: dict[int, list[TokenLogprob]]  # seq_id -> the prompt logprobs this step computed, in order
 
 
@@ -237,11 +241,16 @@ class ModelRunner:
         return budget
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Sequence, int]], samples: list[bool]) -> StepResult:
-        """Run one step. `samples[i]`: scheduled[i] samples a token (the scheduler decides). Returns the sampled
-        tokens of the sampling sequences, in order, and the prompt logprobs this step computed."""
+    def execute(self, scheduled: list[tuple[Sequence, int]], samples: list[bool],
+                spec_tokens: dict[int, list[int]] | None = None) -> StepResult:
+        """Run one step. `samples[i]`: scheduled[i] samples a token (the scheduler decides). spec_tokens: seq_id -> the
+        draft tokens scheduled after its newest token; it samples at each of their positions too, and keeps the drafts
+        its samples confirm (engine/spec_decode.py). Returns the sampling sequences' tokens, in order, and the prompt
+        logprobs this step computed."""
+        spec_tokens = spec_tokens or {}
         sampling: list[Sequence] = []
         rows: list[int] = []
+        row_seqs: list = []  # per logits row, what the sampler reads: a sequence, or a view of it at a draft
         scoring: list[_PromptSlice] = []
         end = 0
         for (seq, n), sample in zip(scheduled, samples):
@@ -250,10 +259,12 @@ class ModelRunner:
                 scoring.append(piece)
             end += n
             if sample:
+                drafts = spec_tokens.get(seq.seq_id, [])
                 sampling.append(seq)
-                rows.append(end - 1)
+                rows.extend(range(end - 1 - len(drafts), end))
+                row_seqs.extend(draft_rows(seq, drafts) if drafts else [seq])
         padded = None if scoring else self._padded_decode_size(scheduled, sampling)
-        batch = self.inputs.prepare(scheduled, rows, padded or len(scheduled))
+        batch = self.inputs.prepare(scheduled, rows, padded or len(scheduled), spec_tokens)
         prompt_logprobs = {}
         if padded is not None:
             logits = self._padded_decode(batch)[: batch.num_seqs]
@@ -263,8 +274,17 @@ class ModelRunner:
                 prompt_logprobs = self._score_prompts(hidden, scoring)
             logits = self._logits(hidden, batch.logits_rows) if sampling else None
         if not sampling:
-            return StepResult(None, prompt_logprobs)
-        return StepResult(self.sampler(logits, sampling), prompt_logprobs)
+            return StepResult([], [], prompt_logprobs)
+        out = self.sampler(logits, row_seqs)
+        token_ids, logprobs, at = [], [], 0
+        for seq in sampling:
+            drafts = spec_tokens.get(seq.seq_id, [])
+            drawn = out.token_ids[at : at + len(drafts) + 1]
+            keep = accepted(drafts, drawn) + 1
+            token_ids.append(drawn[:keep])
+            logprobs.append(out.logprobs[at : at + keep])
+            at += len(drafts) + 1
+        return StepResult(token_ids, logprobs, prompt_logprobs)
 
     def _score_prompts(self, hidden: torch.Tensor, slices: list[_PromptSlice]) -> dict[int, list[TokenLogprob]]:
         """The prompt logprobs of `slices` (seq_id -> in position order) from the step's hidden states. The LM head

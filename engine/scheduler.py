@@ -27,6 +27,7 @@ from engine.config import SchedulerConfig
 from engine.kv_cache import BlockPool, blocks_for
 from engine.outputs import TokenLogprob
 from engine.sequence import Sequence, SequenceStatus
+from engine.spec_decode import NgramProposer
 from engine.structured_output import accept_token
 
 
@@ -38,6 +39,9 @@ class SchedulerOutput:
     admitted: list[Sequence] = field(default_factory=list)  # moved from waiting to running this step
     # samples[i]: scheduled[i] samples a token this step, because its tokens reach the end of its known tokens.
     samples: list[bool] = field(default_factory=list)
+    # Speculative decoding: seq_id -> the draft tokens scheduled after its newest token (engine/spec_decode.py). They
+    # are part of its count in `scheduled`, and it samples at each of them.
+    spec_tokens: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -49,8 +53,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_size: int, pool: BlockPool, prefix_caching: bool = False):
+    def __init__(self, config: SchedulerConfig, block_size: int, pool: BlockPool, prefix_caching: bool = False,
+                 proposer: NgramProposer | None = None):
         self.config = config
+        self.proposer = proposer  # speculative decoding: drafts for decoding sequences; None: off
         self.block_size = block_size
         self.pool = pool
         self.prefix_caching = prefix_caching
@@ -104,24 +110,42 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._reserve(seq, n, out, planned):
+            drafts = self._drafts(seq, budget - n) if seq.num_tokens - seq.num_computed_tokens == 1 else []
+            if not self._reserve(seq, n + len(drafts), out, planned):
                 continue
-            planned[seq.seq_id] = n
-            budget -= n
+            planned[seq.seq_id] = n + len(drafts)
+            if drafts:
+                out.spec_tokens[seq.seq_id] = drafts
+            budget -= n + len(drafts)
         # Refunds from sequences preempted after they were planned.
         budget = self.config.max_num_batched_tokens - sum(planned.values())
+        out.spec_tokens = {seq_id: drafts for seq_id, drafts in out.spec_tokens.items() if seq_id in planned}
 
         # NOTE: no admissions in a step that had to preempt: the pool is already short.
         if not out.preempted:
             self._admit(out, planned, budget)
 
         by_id = {s.seq_id: s for s in self.running}
-        decodes = [(by_id[i], n) for i, n in planned.items() if n == 1]
-        prefills = [(by_id[i], n) for i, n in planned.items() if n > 1]
+        spec = out.spec_tokens
+        decodes = [(by_id[i], n) for i, n in planned.items() if n == 1 or i in spec]
+        prefills = [(by_id[i], n) for i, n in planned.items() if n > 1 and i not in spec]
         out.scheduled = decodes + prefills
         # A max_tokens=0 sequence (prompt scoring) never samples: it ends when its prompt is computed.
-        out.samples = [seq.num_computed_tokens + n == seq.num_tokens and seq.max_tokens > 0 for seq, n in out.scheduled]
+        out.samples = [seq.num_computed_tokens + n - len(spec.get(seq.seq_id, ())) == seq.num_tokens
+                       and seq.max_tokens > 0 for seq, n in out.scheduled]
         return out
+
+    def _drafts(self, seq: Sequence, budget: int) -> list[int]:
+        """Draft tokens for a decoding sequence: no more than the budget left, and fewer than the tokens it may still
+        generate (each accepted draft is one of them, and so is the token sampled after the last). With a grammar,
+        only the drafts it allows (the first one it refuses could never be accepted)."""
+        if self.proposer is None:
+            return []
+        room = min(seq.max_tokens - seq.num_output_tokens, self.config.max_model_len - seq.num_tokens) - 1
+        drafts = self.proposer.propose(seq.token_ids, min(room, budget))
+        if drafts and seq.matcher is not None:
+            drafts = drafts[: seq.matcher.validate_tokens(drafts)]
+        return drafts
 
     def _admit(self, out: SchedulerOutput, planned: dict[int, int], budget: int) -> None:
         """Move waiting sequences to running, best admission key first, while slots, blocks and budget last. The
@@ -203,29 +227,44 @@ class Scheduler:
             return victim if victim.priority > seq.priority else None
         return victim if self._num_running[victim.group] >= self._num_running[seq.group] + 2 else None
 
-    def update_from_output(self, out: SchedulerOutput, token_ids: list[int],
-                           prompt_logprobs: dict[int, list[TokenLogprob]] | None = None) -> list[Sequence]:
+    def update_from_output(self, out: SchedulerOutput, token_ids: list[list[int]],
+                           prompt_logprobs: dict[int, list[TokenLogprob]] | None = None,
+                           ) -> list[tuple[Sequence, list[int]]]:
         """Apply one step's result; the one place that writes a sequence's per-step state. The scheduled tokens'
         K/V are now cached, and their prompt logprobs (seq_id -> the next ones, for sequences that asked) recorded;
-        each sampling sequence (in `out.scheduled` order) takes its token, and one that reached EOS, a stop token id,
-        max_tokens, max_model_len or the end of its grammar is finished by its tokens. A max_tokens=0 sequence whose prompt is now computed
-        ends with "length". Returns the sampling sequences."""
+        each sampling sequence (in `out.scheduled` order) takes its tokens (one, or a speculating sequence's accepted
+        drafts and the token after them) one at a time, and one that reached EOS, a stop token id, max_tokens,
+        max_model_len or the end of its grammar is finished by its tokens there (the rest are dropped). A
+        max_tokens=0 sequence whose prompt is now computed ends with "length". Returns each sampling sequence with
+        the tokens it took."""
         sampled = [seq for (seq, _), samples in zip(out.scheduled, out.samples) if samples]
         assert len(sampled) == len(token_ids), (len(sampled), len(token_ids))
         for seq, n in out.scheduled:
             if prompt_logprobs and seq.seq_id in prompt_logprobs:
                 seq.prompt_logprobs.extend(prompt_logprobs[seq.seq_id])
+            if seq.seq_id in out.spec_tokens:
+                continue  # how much of it is computed depends on how many drafts it accepts: below
             self.advance(seq, n)
             if seq.max_tokens == 0 and seq.num_computed_tokens == seq.num_tokens:
                 self.finish(seq, "length")
-        for seq, token in zip(sampled, token_ids):
-            seq.append_token(token)
-            reason, stop_reason = self._token_stop(seq, token)
-            if reason is None and seq.matcher is not None and accept_token(seq, token):
-                reason = "stop"  # the output is complete: its grammar allows nothing more
-            if reason is not None:
-                self.finish(seq, reason, stop_reason)
-        return sampled
+        taken = []
+        for seq, tokens in zip(sampled, token_ids):
+            kept = []
+            for token in tokens:
+                seq.append_token(token)
+                kept.append(token)
+                reason, stop_reason = self._token_stop(seq, token)
+                if reason is None and seq.matcher is not None and accept_token(seq, token):
+                    reason = "stop"  # the output is complete: its grammar allows nothing more
+                if reason is not None:
+                    self.finish(seq, reason, stop_reason)
+                    break
+            if seq.seq_id in out.spec_tokens and not seq.is_finished:
+                # Computed now: its newest token and the accepted drafts, as many as the tokens it took (the last of
+                # which is new). The K/V written for rejected drafts lie past them and are overwritten later.
+                self.advance(seq, len(tokens))
+            taken.append((seq, kept))
+        return taken
 
     def _token_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
         p = seq.params

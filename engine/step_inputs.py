@@ -84,7 +84,8 @@ class StepInputs:
         self.input_ids = StagedBuffer(max_tokens, torch.long, device)
         self.positions = StagedBuffer(max_tokens, torch.long, device)
         self.slot_mapping = StagedBuffer(max_tokens, torch.long, device)
-        self.logits_rows = StagedBuffer(max_seqs, torch.long, device)
+        # A sequence samples at one row, or (speculating) at several: at most every token.
+        self.logits_rows = StagedBuffer(max_tokens, torch.long, device)
         self.seq_lens = StagedBuffer(max_seqs, torch.int32, device)
         self.query_start = StagedBuffer(max_seqs + 1, torch.int32, device)
         self.block_tables = StagedBlockTables(max_seqs, max_blocks_per_seq, device)
@@ -93,9 +94,11 @@ class StepInputs:
         # for its sampled tokens already ensured that; a step that sampled nothing did not wait.
         self._uploaded = torch.cuda.Event() if device.type == "cuda" else None
 
-    def prepare(self, scheduled: list[tuple[Sequence, int]], logits_rows: list[int], num_rows: int) -> StepBatch:
+    def prepare(self, scheduled: list[tuple[Sequence, int]], logits_rows: list[int], num_rows: int,
+                spec_tokens: dict[int, list[int]] | None = None) -> StepBatch:
         """Fill and upload the batch for `scheduled` ((sequence, new tokens) pairs), padded with decode
-        rows up to num_rows sequences. logits_rows: the token rows whose logits are needed."""
+        rows up to num_rows sequences. logits_rows: the token rows whose logits are needed. spec_tokens: seq_id ->
+        draft tokens, the last of a sequence's new tokens (its known tokens come first)."""
         num_seqs = len(scheduled)
         if num_rows < num_seqs:
             raise ValueError(f"cannot pad {num_seqs} sequences down to {num_rows}")
@@ -110,7 +113,7 @@ class StepInputs:
         query_lens = q_lens + [1] * (num_rows - num_seqs)
         context_lens = [s + n for s, n in zip(starts, q_lens)] + [1] * (num_rows - num_seqs)
         tables = self._fill_sequence_rows(scheduled, query_lens, context_lens)
-        self._fill_token_rows(scheduled, starts, num_tokens, tables)
+        self._fill_token_rows(scheduled, starts, num_tokens, tables, spec_tokens or {})
         every_row = len(logits_rows) == num_tokens
         if not every_row:
             self.logits_rows.np[: len(logits_rows)] = logits_rows
@@ -149,13 +152,15 @@ class StepInputs:
         return tables
 
     def _fill_token_rows(self, scheduled: list[tuple[Sequence, int]], starts: list[int], num_tokens: int,
-                         tables: np.ndarray) -> None:
+                         tables: np.ndarray, spec_tokens: dict[int, list[int]]) -> None:
         """Input ids, positions and cache slots of every token, from the rows filled first."""
         q_lens = [n for _, n in scheduled]
         num_real = sum(q_lens)
         tokens: list[int] = []
         for (seq, n), start in zip(scheduled, starts):
-            tokens.extend(seq.token_ids[start : start + n])
+            drafts = spec_tokens.get(seq.seq_id, ())
+            tokens.extend(seq.token_ids[start : start + n - len(drafts)])
+            tokens.extend(drafts)
         # Token t of sequence i sits at position starts[i] + (t - query_start[i]).
         seq_of_token = np.repeat(np.arange(len(scheduled)), q_lens)
         first_position = np.asarray(starts, dtype=np.int64) - self.query_start.np[: len(scheduled)]

@@ -99,7 +99,6 @@ UNSUPPORTED_VLLM_FLAGS: tuple[tuple[tuple[str, ...], bool, tuple[str, ...], str]
     (("--quantization", "-q"), True, (), "weights run in --dtype (float32, float16 or bfloat16)"),
     (("--kv-cache-dtype",), True, ("auto",), "the KV cache is kept in the model's --dtype ('auto' is accepted)"),
     (("--enable-lora", "--lora-modules"), None, (), "LoRA adapters are not supported"),
-    (("--speculative-config",), True, (), "speculative decoding is not supported yet"),
     (("--tokenizer",), True, (), "the tokenizer is read from the model directory (tokenizer.json)"),
     (("--cpu-offload-gb", "--swap-space"), True, ("0",), "weights and KV cache stay on the serving device"),
     (("--ssl-keyfile", "--ssl-certfile"), True, (), "TLS is not terminated by attnserve; put a proxy in front"),
@@ -140,6 +139,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     model.add_argument("--enforce-eager", action="store_true", default=None,
                        help="run the model eagerly: on CPU no torch.compile at start-up, on CUDA no CUDA graphs for "
                             "decode steps (default: compile and capture, unless ATTNSERVE_ENFORCE_EAGER=1)")
+    model.add_argument("--speculative-config", metavar="JSON", default=None,
+                       help='speculative decoding, as vLLM takes it: \'{"method": "ngram", "num_speculative_tokens": '
+                            '3, "prompt_lookup_min": 2, "prompt_lookup_max": 4}\' proposes up to 3 tokens per step '
+                            "from earlier text that matches the last 4 to 2 tokens, and the model verifies them in "
+                            "the same forward; outputs are unchanged (default: off)")
     model.add_argument("--engine-watchdog-timeout", type=non_negative_float, default=None, metavar="S",
                        help="report the engine dead (/health 503, requests end with an error) when one engine step "
                             "takes longer than this, as on a hung device; 0 turns the watchdog off (default: 120 on "

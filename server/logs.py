@@ -160,7 +160,7 @@ class StatsReporter:
         self._last, self._last_time = stats, now
         if not _busy(stats, last):
             return None
-        return {
+        fields = {
             "prompt_throughput_tok_s": round((stats.prompt_tokens_total - last.prompt_tokens_total) / elapsed, 1),
             "generation_throughput_tok_s": round(
                 (stats.generation_tokens_total - last.generation_tokens_total) / elapsed, 1),
@@ -171,6 +171,13 @@ class StatsReporter:
             "prefix_cache_hit_rate_perc": _hit_rate(stats.prefix_cache_hits - last.prefix_cache_hits,
                                                     stats.prefix_cache_queries - last.prefix_cache_queries),
         }
+        drafts = stats.spec_num_drafts - last.spec_num_drafts
+        if drafts:  # speculative decoding ran: the share of draft tokens accepted, and tokens per verified draft
+            accepted = stats.spec_num_accepted_tokens - last.spec_num_accepted_tokens
+            fields["spec_acceptance_rate_perc"] = _hit_rate(accepted, stats.spec_num_draft_tokens
+                                                            - last.spec_num_draft_tokens)
+            fields["spec_mean_acceptance_length"] = round(1 + accepted / drafts, 2)
+        return fields
 
 
 def _hit_rate(hits: int, queries: int) -> float | None:

@@ -72,6 +72,13 @@ class _EngineCollector(Collector):
                       stats.num_preemptions)
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries)
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
+        # vLLM's spec_decode_* counters: mean acceptance length = 1 + accepted tokens / drafts.
+        yield counter("spec_decode_num_drafts", "Speculative decoding: sequence steps that verified draft tokens.",
+                      stats.spec_num_drafts)
+        yield counter("spec_decode_num_draft_tokens", "Speculative decoding: draft tokens proposed.",
+                      stats.spec_num_draft_tokens)
+        yield counter("spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens accepted.",
+                      stats.spec_num_accepted_tokens)
 
 
 class Metrics:

@@ -90,6 +90,7 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=args.enable_chunked_prefill,
         enable_prefix_caching=args.enable_prefix_caching, scheduling_policy=args.scheduling_policy,
+        speculative_config=args.speculative_config,
         attention_backend=args.attention_backend, load_format=args.load_format, enforce_eager=args.enforce_eager,
         **extra,
     )

@@ -233,6 +233,17 @@ def test_stats_reporter_rates_and_silence_when_idle():
     assert reporter.report(now=35.0) is None
 
 
+def test_stats_line_reports_speculation_when_it_ran():
+    engine = _FakeEngine()
+    reporter = StatsReporter(engine, now=0.0)
+    engine.now = EngineStats(num_running=1, num_waiting=0, kv_cache_usage=0.1, num_kv_blocks=10, num_preemptions=0,
+                             generation_tokens_total=90, spec_num_drafts=20, spec_num_draft_tokens=60,
+                             spec_num_accepted_tokens=45)
+    report = reporter.report(now=10.0)
+    # 45 of 60 drafts accepted; each of the 20 verifying steps gave 1 + 45 / 20 tokens.
+    assert report["spec_acceptance_rate_perc"] == 75.0 and report["spec_mean_acceptance_length"] == 3.25
+
+
 # ---- the real process -------------------------------------------------------------------------------
 
 

@@ -41,7 +41,7 @@ def run_step(sched: Scheduler, sample_token: int = 7):
     """Schedule, then apply the step's result through the scheduler's own update_from_output, as the engine does:
     every sampling sequence gets `sample_token`."""
     out = sched.schedule()
-    sched.update_from_output(out, [sample_token] * sum(out.samples))
+    sched.update_from_output(out, [[sample_token]] * sum(out.samples))
     return out
 
 
@@ -153,10 +153,10 @@ def test_update_from_output_finishes_by_tokens_and_frees_the_blocks():
     for seq in (eos, stop, length):
         s.add(seq)
     out = s.schedule()
-    assert s.update_from_output(out, [9, 4, 4]) == [eos, stop, length]
+    assert [seq for seq, _ in s.update_from_output(out, [[9], [4], [4]])] == [eos, stop, length]
     assert [seq.finish_reason for seq in (eos, stop, length)] == [None, None, None]  # eos before min_tokens
     out = s.schedule()
-    s.update_from_output(out, [9, 5, 4])
+    s.update_from_output(out, [[9], [5], [4]])
     assert [(seq.finish_reason, seq.stop_reason) for seq in (eos, stop, length)] == \
         [("stop", None), ("stop", 5), ("length", None)]
     assert all(seq.is_finished and not seq.block_ids for seq in (eos, stop, length))
