@@ -1,6 +1,6 @@
 """Speculative decoding with n-gram proposals vs plain decoding, on the demo model, side by side in one process.
 
-    python -m benchmarks.spec_decode                      # batch 1, 4 and 16; K = 4; 2 rounds
+    python -m benchmarks.spec_decode                      # batch 1, 4 and 16; K = 6; 2 rounds
     python -m benchmarks.spec_decode --k 3 --rounds 3 --output-len 64
 
 Two workloads:
@@ -65,7 +65,7 @@ def timed(llm, prompts: list[list[int]], batch: int, output_len: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model directory (default: the demo model)")
-    parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    parser.add_argument("--k", type=int, default=6, help="num_speculative_tokens")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--output-len", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=2)

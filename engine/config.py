@@ -280,6 +280,9 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
+    # No speculation in a step with more running sequences than this: a large batch is compute-bound, so the drafts'
+    # extra positions cost more than the forwards they save (docs/benchmarks.md: 8% slower at 16 on random prompts).
+    disable_by_batch_size: int | None = 8
 
 
 @dataclass(frozen=True)

@@ -105,12 +105,16 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         planned: dict[int, int] = {}  # seq_id -> tokens, to undo if the sequence is preempted later this step
 
+        # The batch this step may have: the running sequences and every waiting one (a queue fills the batch).
+        demand = len(self.running) + sum(len(queue) for queue in self._waiting.values())
+        speculate = self.proposer is not None and (self.proposer.max_batch is None or demand <= self.proposer.max_batch)
         # Decodes (one new token) before chunked prefills; each group keeps admission order.
         for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1):
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            drafts = self._drafts(seq, budget - n) if seq.num_tokens - seq.num_computed_tokens == 1 else []
+            drafts = self._drafts(seq, budget - n) if speculate and seq.num_tokens - seq.num_computed_tokens == 1 \
+                else []
             if not self._reserve(seq, n + len(drafts), out, planned):
                 continue
             planned[seq.seq_id] = n + len(drafts)
@@ -139,8 +143,6 @@ class Scheduler:
         """Draft tokens for a decoding sequence: no more than the budget left, and fewer than the tokens it may still
         generate (each accepted draft is one of them, and so is the token sampled after the last). With a grammar,
         only the drafts it allows (the first one it refuses could never be accepted)."""
-        if self.proposer is None:
-            return []
         room = min(seq.max_tokens - seq.num_output_tokens, self.config.max_model_len - seq.num_tokens) - 1
         drafts = self.proposer.propose(seq.token_ids, min(room, budget))
         if drafts and seq.matcher is not None:

@@ -65,6 +65,8 @@ def parse_speculative_config(value: dict | str | SpeculativeConfig | None) -> Sp
     _check_int("num_speculative_tokens", spec.num_speculative_tokens, 1, MAX_SPECULATIVE_TOKENS)
     _check_int("prompt_lookup_min", spec.prompt_lookup_min, 1, None)
     _check_int("prompt_lookup_max", spec.prompt_lookup_max, spec.prompt_lookup_min, None)
+    if spec.disable_by_batch_size is not None:
+        _check_int("disable_by_batch_size", spec.disable_by_batch_size, 1, None)
     return spec
 
 
@@ -79,6 +81,7 @@ class NgramProposer:
     def __init__(self, config: SpeculativeConfig):
         self.k = config.num_speculative_tokens
         self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
+        self.max_batch = config.disable_by_batch_size  # more running sequences: no drafts (None: always)
 
     def propose(self, token_ids: list[int], limit: int) -> list[int]:
         """Up to min(K, limit) tokens: those that followed the latest earlier occurrence of the last n tokens, for the

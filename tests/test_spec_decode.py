@@ -36,12 +36,14 @@ REPEATING = [p + " " + p for p in PARITY_PROMPTS[:4]] + ["one two three one two 
 
 def test_config_is_vllms_and_refuses_what_it_cannot_do():
     assert parse_speculative_config('{"method": "ngram", "num_speculative_tokens": 3}') == \
-        SpeculativeConfig("ngram", 3, 2, 4)
+        SpeculativeConfig("ngram", 3, 2, 4, 8)
     assert parse_speculative_config(ngram(5, 1, 3)) == SpeculativeConfig("ngram", 5, 1, 3)
+    assert parse_speculative_config({**ngram(2), "disable_by_batch_size": None}).disable_by_batch_size is None
     for bad, says in [({"method": "ngram"}, "needs num_speculative_tokens"),
                       (ngram(0), "num_speculative_tokens must be an integer in \\[1, 16\\]"),
                       ({**ngram(2), "prompt_lookup_max": 0}, "prompt_lookup_max must be an integer >= 1"),
                       ({**ngram(2), "typo": 1}, "unknown key\\(s\\) typo"),
+                      ({**ngram(2), "disable_by_batch_size": 0}, "disable_by_batch_size must be an integer >= 1"),
                       ({"method": "eagle", "num_speculative_tokens": 2}, 'method must be "ngram"'),
                       ({"model": "/models/draft", "num_speculative_tokens": 2}, "draft model .* not supported yet"),
                       ("{not json", "must be JSON")]:
@@ -94,6 +96,18 @@ def test_drafts_never_take_the_output_past_max_tokens():
     assert out.spec_tokens == {0: [1]}  # 2 tokens left: one draft and the token after it
     s.update_from_output(out, [[1, 2]])
     assert seq.output_token_ids == [3, 1, 2] and seq.finish_reason == "length"
+
+
+def test_no_drafts_in_a_batch_larger_than_disable_by_batch_size():
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64), 4, BlockPool(32),
+                  proposer=NgramProposer(SpeculativeConfig("ngram", 3, 1, 2, disable_by_batch_size=1)))
+    first = Sequence(0, "a", 0, [1, 2, 3, 1, 2], SamplingParams(max_tokens=10), 10)
+    s.add(first)
+    s.update_from_output(s.schedule(), [[3]])
+    assert s.schedule().spec_tokens == {0: [1, 2, 3]}  # alone: it speculates
+    s.add(Sequence(1, "b", 0, [1, 2, 3, 1, 2], SamplingParams(max_tokens=10), 10))
+    out = s.schedule()
+    assert out.spec_tokens == {} and sorted(n for _, n in out.scheduled) == [1, 5]  # two running: plain decoding
 
 
 # ---- greedy: identical outputs --------------------------------------------------------------------------------
@@ -203,7 +217,8 @@ def test_sampled_outputs_have_the_distribution_of_the_engine_without(tiny_vocab,
     size give 0.01-0.04). The negative control, a rule that keeps every draft's position even when its sample
     differs from the draft, is far off."""
     path, prompt, reference = tiny_vocab
-    spec = LLM(str(path), max_model_len=64, speculative_config=ngram(3))
+    always = {**ngram(3), "disable_by_batch_size": None}  # 3,000 samples at once would otherwise turn it off
+    spec = LLM(str(path), max_model_len=64, speculative_config=always)
     counts = position_counts(spec, prompt, range(1000, 1030), 4)
     stats = spec.engine.stats()
     assert stats.spec_num_accepted_tokens > 0.1 * stats.spec_num_draft_tokens, stats  # speculation really ran
@@ -211,7 +226,7 @@ def test_sampled_outputs_have_the_distribution_of_the_engine_without(tiny_vocab,
     assert max(distances) < 0.06, distances
 
     monkeypatch.setattr("engine.model_runner.accepted", lambda drafts, sampled: len(drafts))
-    broken = LLM(str(path), max_model_len=64, speculative_config=ngram(3))
+    broken = LLM(str(path), max_model_len=64, speculative_config=always)
     broken_distances = [total_variation(a, b) for a, b in zip(reference, position_counts(broken, prompt,
                                                                                         range(1000, 1030), 4))]
     assert max(broken_distances) > 0.15, broken_distances
