@@ -112,6 +112,10 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     params = sampling_params(req, defaults, max_tokens=max_tokens,
                              logprobs=(req.top_logprobs or 0) if req.logprobs else None,
                              prompt_logprobs=req.prompt_logprobs, structured_outputs=found and found.params)
+    if plan.mode == "auto":
+        # Models mark their calls with tokens that are special in some tokenizers (Mistral's [TOOL_CALLS], Llama's
+        # <|python_tag|>): the parser must see them, so they stay in the text, as vLLM's parsers arrange.
+        params = params.clone(skip_special_tokens=False)
     request_id = new_request_id("chatcmpl")
 
     def prepare():
