@@ -21,6 +21,7 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
@@ -70,8 +71,6 @@ class GrammarCompiler:
         self._ll_tokenizer = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple, CompiledGrammar] = OrderedDict()
-        self._queue: queue.SimpleQueue[tuple[StructuredOutputsParams, Future]] = queue.SimpleQueue()
-        self._workers_started = False
 
     def compile(self, spec: StructuredOutputsParams) -> CompiledGrammar:
         key = spec.cache_key
@@ -79,12 +78,8 @@ class GrammarCompiler:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-            if not self._workers_started:
-                self._start_workers()
-        future: Future = Future()
-        self._queue.put((spec, future))
         try:
-            grammar = future.result(timeout=COMPILE_TIMEOUT_S)
+            grammar = _compile_workers.run(lambda: self._build(spec), COMPILE_TIMEOUT_S)
         except FutureTimeout:
             raise ValidationError(f"compiling the structured-output {spec.kind} took longer than {COMPILE_TIMEOUT_S:g} "
                                   "s; simplify it", "structured_outputs") from None
@@ -93,29 +88,6 @@ class GrammarCompiler:
             while len(self._cache) > GRAMMAR_CACHE_SIZE:
                 self._cache.popitem(last=False)
         return grammar
-
-    def _start_workers(self) -> None:
-        """Compiles run on these threads, so that a caller can stop waiting for one that overruns its limit
-        (llguidance's fuel limits bound each compile's work, so a thread left behind still ends). They get a large
-        stack: llguidance recurses once per level of a grammar's rule chain, and a 64 KiB grammar chaining ~6,000
-        rules overflows the default 8 MiB, which kills the process (SIGSEGV), not just the request."""
-        previous = threading.stack_size(COMPILE_STACK_BYTES)
-        try:
-            for i in range(COMPILE_WORKERS):
-                threading.Thread(target=self._work, name=f"grammar-compile-{i}", daemon=True).start()
-        finally:
-            threading.stack_size(previous)
-        self._workers_started = True
-
-    def _work(self) -> None:
-        while True:
-            spec, future = self._queue.get()
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(self._build(spec))
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller, which raises it
-                future.set_exception(exc)
 
     def _build(self, spec: StructuredOutputsParams) -> CompiledGrammar:
         llguidance = _llguidance()
@@ -135,6 +107,51 @@ class GrammarCompiler:
                 self._ll_tokenizer = llguidance.LLTokenizer(self._tokenizer.backend.to_str(), n_vocab=self._vocab_size,
                                                             eos_token=self._eos or None)
             return self._ll_tokenizer
+
+
+class _CompileWorkers:
+    """The process's grammar-compile threads, shared by every engine and started on first use. Compiles run here, so
+    that a caller can stop waiting for one that overruns its limit (llguidance's fuel limits bound each compile's
+    work, so a thread left behind still ends). They get a large stack: llguidance recurses once per level of a
+    grammar's rule chain, and a 64 KiB grammar chaining ~4,500 rules overflows the default 8 MiB, which kills the
+    process (SIGSEGV), not just the request."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._started = False
+
+    def run(self, job: Callable[[], Any], timeout: float) -> Any:
+        """job()'s result (or exception); concurrent.futures.TimeoutError after `timeout` seconds."""
+        with self._lock:
+            if not self._started:
+                previous = threading.stack_size(COMPILE_STACK_BYTES)
+                try:
+                    for i in range(COMPILE_WORKERS):
+                        threading.Thread(target=self._work, name=f"grammar-compile-{i}", daemon=True).start()
+                finally:
+                    threading.stack_size(previous)
+                self._started = True
+        future: Future = Future()
+        self._jobs.put((job, future))
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            future.cancel()  # still queued behind slow compiles: never start it
+            raise
+
+    def _work(self) -> None:
+        while True:
+            job, future = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(job())
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller, which raises it
+                future.set_exception(exc)
+
+
+_compile_workers = _CompileWorkers()
 
 
 def _grammar_text(llguidance, spec: StructuredOutputsParams) -> str:
