@@ -273,13 +273,16 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """Speculative decoding (engine/spec_decode.py), vLLM's speculative_config: each decode step proposes up to
-    num_speculative_tokens tokens by prompt lookup (the latest earlier occurrence of the sequence's last n tokens,
-    n from prompt_lookup_max down to prompt_lookup_min), and the model verifies them in the same forward."""
+    num_speculative_tokens tokens, by prompt lookup (ngram: the latest earlier occurrence of the sequence's last n
+    tokens, n from prompt_lookup_max down to prompt_lookup_min) or by a draft model, and the model verifies them in
+    the same forward."""
 
-    method: str  # "ngram"
+    method: str  # "ngram", or "draft_model": a smaller model with the same vocabulary proposes (engine/draft_model.py)
     num_speculative_tokens: int
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
+    model: str | None = None  # draft_model: the draft's directory or hub id, as given
+    draft: ModelConfig | None = None  # draft_model: its config, once read (EngineArgs.create_config)
     # No speculation in a step with more running sequences than this: a large batch is compute-bound, so the drafts'
     # extra positions cost more than the forwards they save (docs/benchmarks.md: 8% slower at 16 on random prompts).
     disable_by_batch_size: int | None = 8

@@ -24,7 +24,7 @@ from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
-from engine.spec_decode import NgramProposer
+from engine.spec_decode import make_proposer
 from engine.structured_output import CompiledGrammar
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class EngineCore:
         self.config = _cap_max_model_len(config, num_blocks)
         self.runner.allocate_kv_cache(num_blocks, self.config.scheduler.max_model_len)
         self.pool = BlockPool(num_blocks)
-        proposer = NgramProposer(config.speculative) if config.speculative is not None else None
+        proposer = make_proposer(config.speculative)
         self.scheduler = Scheduler(self.config.scheduler, config.cache.block_size, self.pool,
                                    prefix_caching=config.cache.enable_prefix_caching, proposer=proposer)
         self._seqs: dict[str, list[Sequence]] = {}  # request id -> its samples, until all of them finished
@@ -150,6 +150,8 @@ class EngineCore:
                 raise RuntimeError("scheduler made no progress with requests pending (pool or budget misconfigured)")
             return CoreStepOutput()
         scheduled_at = time.monotonic()
+        if sched.spec_tokens and self.runner.draft is not None:
+            self.runner.propose_drafts(sched.scheduled, sched.spec_tokens)
         result = self.runner.execute(sched.scheduled, sched.samples, sched.spec_tokens)
         taken = self.scheduler.update_from_output(sched, result.token_ids, result.prompt_logprobs)
         self._count_speculation(sched.spec_tokens, taken, result.token_ids)

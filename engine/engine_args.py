@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import re
 from dataclasses import dataclass, fields
@@ -10,11 +12,11 @@ from pathlib import Path
 import torch
 
 from engine.chat_template import load_chat_template_arg
-from engine.spec_decode import parse_speculative_config
 from engine.config import (SCHEDULING_POLICIES, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig,
                            parse_dtype)
 from engine.errors import ValidationError
 from engine.hub import resolve_model
+from engine.spec_decode import check_draft_vocabulary, parse_speculative_config
 from kernels.backend import choose_attention_backend
 
 # "dummy" builds the model from config.json with random weights (benchmarks of published shapes, as in vLLM).
@@ -115,6 +117,10 @@ class EngineArgs:
         else:
             model_dir = resolve_model(self.model, self.revision, self.load_format)
         model = ModelConfig.from_dir(model_dir)
+        if speculative is not None and speculative.method == "draft_model":
+            draft = ModelConfig.from_dir(resolve_model(speculative.model, None, self.load_format))
+            check_draft_vocabulary(model, draft)
+            speculative = dataclasses.replace(speculative, draft=draft)
         max_model_len = self.max_model_len or model.max_position_embeddings
         _positive("max_model_len", max_model_len)
         if model.rope is None and max_model_len > model.max_position_embeddings:

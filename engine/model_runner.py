@@ -27,9 +27,11 @@ from engine.kv_cache import allocate_kv_tensors, blocks_for, bytes_per_block
 from engine.models.common import ForwardContext
 from engine.models.loader import load_model
 from engine.outputs import TokenLogprob
-from engine.sampler import Sampler, score_tokens
+from engine.draft_model import DraftModel
+from engine.sampler import Sampler, apply_logit_processors, sampling_probs, score_tokens
 from engine.sequence import Sequence
-from engine.spec_decode import accepted, draft_rows
+from engine.spec_decode import accepted, draft_rows, verify_sampled
+from engine.structured_output import mask_logits
 from engine.step_inputs import StepBatch, StepInputs
 from kernels.backend import get_attention_backend
 from kernels.interface import BatchLayout
@@ -60,6 +62,21 @@ class _PromptSlice:
     num_top: int
 
 
+def _target_probs(logits: torch.Tensor, rows: list) -> torch.Tensor:
+    """The distributions the target samples from at a speculating sequence's positions (grammar, processors,
+    temperature, top-k/p, min-p: as the sampler applies them)."""
+    return sampling_probs(apply_logit_processors(mask_logits(logits, rows), rows), rows)
+
+
+def _score(logits: torch.Tensor, rows: list, tokens: list[int]) -> list[TokenLogprob | None]:
+    """Logprobs of the kept tokens under the (masked) target distribution, as the sampler reports them."""
+    num_top = rows[0].params.logprobs
+    if num_top is None:
+        return [None] * len(tokens)
+    n = len(tokens)
+    return score_tokens(mask_logits(logits[:n], rows[:n]), tokens, [num_top] * n)
+
+
 def _prompt_slice(seq: Sequence, n: int, first_row: int) -> _PromptSlice | None:
     """The prompt tokens that seq's n tokens this step (rows from first_row) score, beyond those it has: the logits
     at position q give the logprob of token q + 1, for q + 1 up to the last prompt token. After a preemption the
@@ -84,6 +101,10 @@ class ModelRunner:
         self.backend = get_attention_backend(config.attention_backend, config.device)
         logger.info("attention backend %s", self.backend.selection_reason)
         self.sampler = Sampler()
+        spec = config.speculative
+        self.draft = None if spec is None or spec.draft is None else \
+            DraftModel(spec.draft, config.device, config.dtype, config.load_format, config.seed)
+        self._draft_probs: dict[int, list] = {}  # seq_id -> the draft's distributions of its pending drafts
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
         self.max_context_len = 0  # the longest context a sequence can reach
@@ -102,6 +123,8 @@ class ModelRunner:
         """Pool size: explicit count, else the CPU memory budget, else (CUDA) what the profiled peak leaves."""
         cache = self.config.cache
         per_block = bytes_per_block(self.config.model, self.block_size, self.config.dtype)
+        if self.draft is not None:  # a block holds the draft's K/V of its tokens too
+            per_block += self.draft.bytes_per_block(self.block_size)
         if cache.num_blocks is not None:
             return cache.num_blocks
         if self.device.type != "cuda":
@@ -118,6 +141,8 @@ class ModelRunner:
         self.kv_caches = allocate_kv_tensors(
             self.config.model, num_blocks + 1, self.block_size, self.config.dtype, self.device
         )
+        if self.draft is not None:
+            self.draft.allocate(num_blocks + 1, self.block_size)
         self.num_blocks = num_blocks
         sched = self.config.scheduler
         self.max_context_len = max_context_len
@@ -280,10 +305,20 @@ class ModelRunner:
         for seq in sampling:
             drafts = spec_tokens.get(seq.seq_id, [])
             drawn = out.token_ids[at : at + len(drafts) + 1]
-            keep = accepted(drafts, drawn) + 1
-            token_ids.append(drawn[:keep])
-            logprobs.append(out.logprobs[at : at + keep])
+            draft_probs = self._draft_probs.pop(seq.seq_id, None)
+            if drafts and draft_probs is not None and not seq.params.greedy:
+                # A draft model's proposals are not one-hot: the general rule, and the logprobs of what it keeps.
+                rows_at = slice(at, at + len(drafts) + 1)
+                kept = verify_sampled(drafts, draft_probs, _target_probs(logits[rows_at], row_seqs[rows_at]),
+                                      seq.generator)
+                token_ids.append(kept)
+                logprobs.append(_score(logits[rows_at], row_seqs[rows_at], kept))
+            else:
+                keep = accepted(drafts, drawn) + 1
+                token_ids.append(drawn[:keep])
+                logprobs.append(out.logprobs[at : at + keep])
             at += len(drafts) + 1
+        self._draft_probs.clear()
         return StepResult(token_ids, logprobs, prompt_logprobs)
 
     def _score_prompts(self, hidden: torch.Tensor, slices: list[_PromptSlice]) -> dict[int, list[TokenLogprob]]:
@@ -310,8 +345,8 @@ class ModelRunner:
 
     def _padded_decode_size(self, scheduled: list[tuple[Sequence, int]], sampling: list[Sequence]) -> int | None:
         """The padded size for a pure decode step (every sequence computes exactly its newest token), or
-        None: not pure decode, padding off, or larger than the largest size."""
-        if not self.decode_sizes or len(sampling) != len(scheduled) or any(n != 1 for _, n in scheduled):
+        None: not pure decode, padding off, larger than the largest size, or a draft model to run alongside."""
+        if not self.decode_sizes or self.draft is not None or len(sampling) != len(scheduled) or any(n != 1 for _, n in scheduled):
             return None
         return padded_size(len(scheduled), self.decode_sizes)
 
@@ -326,9 +361,24 @@ class ModelRunner:
         return self._decode_logits(batch.num_rows, metadata)
 
     def _eager_forward(self, batch: StepBatch) -> torch.Tensor:
-        """A step without a CUDA graph, by the compiled model where there is one, else eagerly: its hidden states."""
-        ctx = ForwardContext(self.backend, self.backend.plan(self._layout(batch)), self.kv_caches)
-        return (self.compiled or self.model)(batch.input_ids, batch.positions, ctx)
+        """A step without a CUDA graph, by the compiled model where there is one, else eagerly: its hidden states. A
+        draft model runs over the same tokens, to keep its cache in step."""
+        metadata = self.backend.plan(self._layout(batch))
+        hidden = (self.compiled or self.model)(batch.input_ids, batch.positions,
+                                               ForwardContext(self.backend, metadata, self.kv_caches))
+        if self.draft is not None:
+            self.draft.mirror(batch.input_ids, batch.positions, self.backend, metadata)
+        return hidden
+
+    @torch.inference_mode()
+    def propose_drafts(self, scheduled: list[tuple[Sequence, int]], spec_tokens: dict[int, list[int]]) -> None:
+        """Fill in the draft model's drafts for the step (spec_tokens holds PENDING slots, as many as fit)."""
+        seqs = [seq for seq, _ in scheduled if seq.seq_id in spec_tokens]
+        proposals = self.draft.propose(seqs, [len(spec_tokens[seq.seq_id]) for seq in seqs], self.inputs,
+                                       self.backend, self._layout)
+        for seq, proposal in zip(seqs, proposals):
+            spec_tokens[seq.seq_id] = proposal.tokens
+            self._draft_probs[seq.seq_id] = proposal.probs
 
     def _logits(self, hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """Logits of hidden's `rows` (None: every row)."""

@@ -185,10 +185,10 @@ def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     # Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i, needs no
     # normalization or cumulative sums, and lets each row's noise come from its own generator.
     probs = sampling_probs(logits, seqs)
-    return (probs / _exponential_noise(probs, seqs)).argmax(dim=-1)
+    return (probs / exponential_noise(probs, seqs)).argmax(dim=-1)
 
 
-def _exponential_noise(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def exponential_noise(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Exp(1) noise shaped like probs. A seeded row's noise comes only from its own generator, so its
     samples do not depend on which other requests share the batch."""
     device = probs.device

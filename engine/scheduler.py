@@ -27,7 +27,7 @@ from engine.config import SchedulerConfig
 from engine.kv_cache import BlockPool, blocks_for
 from engine.outputs import TokenLogprob
 from engine.sequence import Sequence, SequenceStatus
-from engine.spec_decode import NgramProposer
+from engine.spec_decode import PENDING, DraftSlots, NgramProposer
 from engine.structured_output import accept_token
 
 
@@ -40,7 +40,8 @@ class SchedulerOutput:
     # samples[i]: scheduled[i] samples a token this step, because its tokens reach the end of its known tokens.
     samples: list[bool] = field(default_factory=list)
     # Speculative decoding: seq_id -> the draft tokens scheduled after its newest token (engine/spec_decode.py). They
-    # are part of its count in `scheduled`, and it samples at each of them.
+    # are part of its count in `scheduled`, and it samples at each of them. A draft model's are PENDING until it has
+    # run (EngineCore.step).
     spec_tokens: dict[int, list[int]] = field(default_factory=dict)
 
     @property
@@ -54,7 +55,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_size: int, pool: BlockPool, prefix_caching: bool = False,
-                 proposer: NgramProposer | None = None):
+                 proposer: NgramProposer | DraftSlots | None = None):
         self.config = config
         self.proposer = proposer  # speculative decoding: drafts for decoding sequences; None: off
         self.block_size = block_size
@@ -145,7 +146,7 @@ class Scheduler:
         only the drafts it allows (the first one it refuses could never be accepted)."""
         room = min(seq.max_tokens - seq.num_output_tokens, self.config.max_model_len - seq.num_tokens) - 1
         drafts = self.proposer.propose(seq.token_ids, min(room, budget))
-        if drafts and seq.matcher is not None:
+        if drafts and seq.matcher is not None and drafts[0] != PENDING:  # a draft model samples under the grammar
             drafts = drafts[: seq.matcher.validate_tokens(drafts)]
         return drafts
 

@@ -1,8 +1,9 @@
-"""Speculative decoding with prompt-lookup (n-gram) proposals: several tokens per sequence per forward.
+"""Speculative decoding: several tokens per sequence per forward, proposed by prompt lookup (n-gram) or a draft model.
 
 Per step, the scheduler asks `NgramProposer` for up to K tokens that might follow each decoding sequence (what
 followed the latest earlier occurrence of its last n tokens) and schedules them after its newest token, so the one
-forward computes 1 + k positions of it. The sampler then draws a token at every position, each under the target
+forward computes 1 + k positions of it. With a draft model the scheduler reserves the K slots (`DraftSlots`) and the
+draft model (engine/draft_model.py) fills them before the step runs. The sampler then draws a token at every position, each under the target
 model's distribution given the drafts before it (`draft_rows`), and the sequence keeps the drafts up to the first
 position whose draw differs, plus that draw (or, when all k matched, the draw after the last draft: the bonus).
 
@@ -11,6 +12,10 @@ rule accepts draft d with probability min(1, p(d) / q(d)) = p(d), and on rejecti
 max(0, p - q) normalised: p without d. Drawing x ~ p and accepting iff x = d does both at once (P(x = d) = p(d), and x
 given x != d is p without d, normalised), so the output has the target's distribution; under greedy, x is the argmax,
 so the output is token for token the non-speculative one. Logprobs are those of the emitted tokens under the target.
+
+A draft model's sampled proposals come from a real distribution q, so they go through the general rule
+(`verify_sampled`): accept with probability min(1, p/q), else draw from the residual. Its greedy proposals are argmaxes
+and are verified as above.
 
 The KV of a rejected draft is written past the sequence's computed tokens and overwritten later; only blocks of
 accepted tokens are ever registered in the prefix cache (Scheduler.advance counts computed tokens only).
@@ -23,9 +28,11 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
+import tokenizers
+import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from engine.config import SpeculativeConfig
+from engine.config import ModelConfig, SpeculativeConfig
 from engine.errors import ValidationError
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
@@ -48,13 +55,15 @@ def parse_speculative_config(value: dict | str | SpeculativeConfig | None) -> Sp
         raise ValidationError("speculative_config must be an object such as {\"method\": \"ngram\", "
                               "\"num_speculative_tokens\": 3}", "speculative_config")
     config = dict(value)
-    if config.get("method") in ("draft_model", None) and "model" in config:
-        raise ValidationError("a draft model (speculative_config.model) is not supported yet; use "
-                              "{\"method\": \"ngram\", ...}", "speculative_config")
-    if config.get("method") != "ngram":
-        raise ValidationError(f"speculative_config.method must be \"ngram\", got {config.get('method')!r}",
+    if "model" in config and config.get("method") in (None, "draft_model"):
+        config["method"] = "draft_model"  # vLLM: a model and no method means a draft model
+    if config.get("method") not in ("ngram", "draft_model"):
+        raise ValidationError(f"speculative_config.method must be \"ngram\" or \"draft_model\" (with \"model\": a "
+                              f"directory), got {config.get('method')!r}", "speculative_config")
+    if config["method"] == "draft_model" and not (isinstance(config.get("model"), str) and config["model"]):
+        raise ValidationError("speculative_config.model must name the draft model's directory (or hub id)",
                               "speculative_config")
-    known = {f.name for f in fields(SpeculativeConfig)}
+    known = {f.name for f in fields(SpeculativeConfig)} - {"draft"}
     unknown = sorted(set(config) - known)
     if unknown:
         raise ValidationError(f"speculative_config has unknown key(s) {', '.join(unknown)}; known: "
@@ -75,6 +84,47 @@ def _check_int(name: str, value: Any, low: int, high: int | None) -> None:
         allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValidationError(f"speculative_config.{name} must be an integer {allowed}, got {value!r}",
                               "speculative_config")
+
+
+def check_draft_vocabulary(target: ModelConfig, draft: ModelConfig) -> None:
+    """A draft proposes token ids of the target's vocabulary: the embedding sizes and the tokenizers must agree."""
+    if draft.vocab_size != target.vocab_size:
+        raise ValidationError(f"the draft model has {draft.vocab_size} token embeddings, the model {target.vocab_size}: "
+                              "a draft must share the model's vocabulary", "speculative_config")
+    vocabularies = [_vocabulary(config.path) for config in (target, draft)]
+    if None not in vocabularies and vocabularies[0] != vocabularies[1]:
+        differing = sorted(set(vocabularies[0].items()) ^ set(vocabularies[1].items()))[:3]
+        raise ValidationError(f"the draft model's tokenizer differs from the model's (e.g. {differing}): a draft must "
+                              "share the model's vocabulary", "speculative_config")
+
+
+def _vocabulary(model_dir) -> dict[str, int] | None:
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    return tokenizers.Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+
+
+# A draft slot the draft model fills in after scheduling (EngineCore.step), before the step runs.
+PENDING = -1
+
+
+class DraftSlots:
+    """The scheduler's side of the draft-model proposer: how many drafts a sequence gets (as many as fit); the draft
+    model writes them before the step runs."""
+
+    def __init__(self, config: SpeculativeConfig):
+        self.k = config.num_speculative_tokens
+        self.max_batch = config.disable_by_batch_size
+
+    def propose(self, token_ids: list[int], limit: int) -> list[int]:
+        return [PENDING] * max(0, min(self.k, limit))
+
+
+def make_proposer(config: SpeculativeConfig | None) -> NgramProposer | DraftSlots | None:
+    if config is None:
+        return None
+    return DraftSlots(config) if config.method == "draft_model" else NgramProposer(config)
 
 
 class NgramProposer:
@@ -125,6 +175,25 @@ def draft_rows(seq: Sequence, drafts: list[int]) -> list[Sequence | DraftRow]:
         rows.append(DraftRow(seq.params, seq.prompt_token_ids, seq.output_token_ids + drafts[:j], seq.generator,
                              matcher))
     return rows
+
+
+def verify_sampled(drafts: list[int], draft_probs: list[torch.Tensor], target_probs: torch.Tensor,
+                   generator: torch.Generator | None) -> list[int]:
+    """The speculative-sampling rule for drafts drawn from a distribution q (a draft model's): draft j is accepted with
+    probability min(1, p_j(d) / q_j(d)); at the first rejection the token comes from the residual max(0, p_j - q_j),
+    normalised; when all are accepted, one more from p_k. target_probs: [k + 1, vocab], p at each position. The output
+    then has the target's distribution whatever q is. Returns the tokens to keep."""
+    p = target_probs.float().cpu()
+    for j, draft in enumerate(drafts):
+        q = draft_probs[j].float().cpu()
+        if torch.rand((), generator=generator) * q[draft] < p[j, draft]:
+            continue
+        residual = (p[j] - q).clamp_min_(0.0)
+        total = residual.sum()
+        # A residual of all zeros (p equal to q up to rounding) would have accepted: sample from p itself.
+        dist = residual / total if total > 0 else p[j]
+        return drafts[:j] + [int(torch.multinomial(dist, 1, generator=generator))]
+    return drafts + [int(torch.multinomial(p[len(drafts)], 1, generator=generator))]
 
 
 def accepted(drafts: list[int], sampled: list[int]) -> int:

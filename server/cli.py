@@ -143,7 +143,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                        help='speculative decoding, as vLLM takes it: \'{"method": "ngram", "num_speculative_tokens": '
                             '3, "prompt_lookup_min": 2, "prompt_lookup_max": 4}\' proposes up to 3 tokens per step '
                             "from earlier text that matches the last 4 to 2 tokens, and the model verifies them in "
-                            "the same forward; outputs are unchanged (default: off)")
+                            'the same forward; \'{"model": DIR, "num_speculative_tokens": 4}\' has a smaller draft '
+                            "model with the same vocabulary propose them; outputs keep their distribution "
+                            "(default: off)")
     model.add_argument("--engine-watchdog-timeout", type=non_negative_float, default=None, metavar="S",
                        help="report the engine dead (/health 503, requests end with an error) when one engine step "
                             "takes longer than this, as on a hung device; 0 turns the watchdog off (default: 120 on "

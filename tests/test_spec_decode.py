@@ -36,16 +36,18 @@ REPEATING = [p + " " + p for p in PARITY_PROMPTS[:4]] + ["one two three one two 
 
 def test_config_is_vllms_and_refuses_what_it_cannot_do():
     assert parse_speculative_config('{"method": "ngram", "num_speculative_tokens": 3}') == \
-        SpeculativeConfig("ngram", 3, 2, 4, 8)
+        SpeculativeConfig("ngram", 3, 2, 4, disable_by_batch_size=8)
     assert parse_speculative_config(ngram(5, 1, 3)) == SpeculativeConfig("ngram", 5, 1, 3)
     assert parse_speculative_config({**ngram(2), "disable_by_batch_size": None}).disable_by_batch_size is None
+    assert parse_speculative_config({"model": "/models/draft", "num_speculative_tokens": 2}) == \
+        SpeculativeConfig("draft_model", 2, model="/models/draft")
     for bad, says in [({"method": "ngram"}, "needs num_speculative_tokens"),
                       (ngram(0), "num_speculative_tokens must be an integer in \\[1, 16\\]"),
                       ({**ngram(2), "prompt_lookup_max": 0}, "prompt_lookup_max must be an integer >= 1"),
                       ({**ngram(2), "typo": 1}, "unknown key\\(s\\) typo"),
                       ({**ngram(2), "disable_by_batch_size": 0}, "disable_by_batch_size must be an integer >= 1"),
                       ({"method": "eagle", "num_speculative_tokens": 2}, 'method must be "ngram"'),
-                      ({"model": "/models/draft", "num_speculative_tokens": 2}, "draft model .* not supported yet"),
+                      ({"method": "draft_model", "num_speculative_tokens": 2}, "must name the draft model's directory"),
                       ("{not json", "must be JSON")]:
         with pytest.raises(ValidationError, match=says):
             parse_speculative_config(bad)
@@ -133,6 +135,36 @@ def test_greedy_outputs_equal_the_engine_without_speculation(make_ckpt, kind):
         assert llm.engine.core.pool.num_free == 48
 
 
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gpt2"])
+def test_greedy_with_a_draft_model_equals_the_engine_without(make_ckpt, kind):
+    """A draft model (another architecture's checkpoint with the same tokenizer) proposes; K in 1, 3, 5, with
+    preemption and chunked prefill. With the target itself as its draft, every greedy draft is accepted."""
+    path, draft = str(make_ckpt(kind)), str(make_ckpt("qwen2" if kind == "llama" else "llama"))
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=2)
+    plain = LLM(path, max_model_len=256).generate(REPEATING, params, use_tqdm=False)
+    for k in (1, 3, 5):
+        llm = LLM(path, max_model_len=256, block_size=4, num_kv_blocks=48, max_num_batched_tokens=24, max_num_seqs=8,
+                  speculative_config={"model": draft, "num_speculative_tokens": k})
+        spec = llm.generate(REPEATING, params, use_tqdm=False)
+        for a, b in zip(plain, spec, strict=True):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+                assert la.token_id == lb.token_id and abs(la.logprob - lb.logprob) < 1e-4
+        stats = llm.engine.stats()
+        assert stats.spec_num_draft_tokens > 0 and stats.num_preemptions > 0, stats
+        assert llm.engine.core.pool.num_free == 48
+    itself = LLM(path, max_model_len=256, speculative_config={"model": path, "num_speculative_tokens": 3})
+    assert [o.outputs[0].token_ids for o in itself.generate(REPEATING, params, use_tqdm=False)] == \
+        [o.outputs[0].token_ids for o in plain]
+    stats = itself.engine.stats()
+    assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens > 0
+
+
+def test_a_draft_with_another_vocabulary_is_a_startup_error(make_ckpt, tiny_vocab):
+    with pytest.raises(ValidationError, match="draft must share the model's vocabulary"):
+        LLM(str(make_ckpt("llama")), speculative_config={"model": str(tiny_vocab[0]), "num_speculative_tokens": 2})
+
+
 def test_greedy_with_stops_and_a_grammar_equals_the_engine_without(make_ckpt):
     path = str(make_ckpt("llama"))
     plain, spec = LLM(path, max_model_len=256), LLM(path, max_model_len=256, speculative_config=ngram(4))
@@ -164,7 +196,7 @@ def test_greedy_with_stops_and_a_grammar_equals_the_engine_without(make_ckpt):
 VOCAB = 12
 
 
-def build_tiny_vocab_model(path: Path) -> Path:
+def build_tiny_vocab_model(path: Path, seed: int = 0) -> Path:
     """A 12-token Llama with peaked, context-dependent next-token distributions (large init), so that a wrong
     acceptance rule shows in a few thousand samples."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -179,7 +211,7 @@ def build_tiny_vocab_model(path: Path) -> Path:
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0,
                          eos_token_id=VOCAB - 1, initializer_range=1.0, tie_word_embeddings=False)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
 
@@ -232,10 +264,31 @@ def test_sampled_outputs_have_the_distribution_of_the_engine_without(tiny_vocab,
     assert max(broken_distances) > 0.15, broken_distances
 
 
-def test_no_block_leaks_after_mixed_requests_with_aborts(make_ckpt):
+def test_sampling_with_a_draft_model_keeps_the_distribution(tiny_vocab, tmp_path_factory, monkeypatch):
+    """A draft that disagrees with the target (another random model) proposes; the speculative-sampling rule keeps
+    the target's distribution. The negative control accepts every draft: the output then follows the draft."""
+    path, prompt, reference = tiny_vocab
+    draft = build_tiny_vocab_model(tmp_path_factory.mktemp("tiny-draft"), seed=1)
+    config = {"model": str(draft), "num_speculative_tokens": 3, "disable_by_batch_size": None}
+    spec = LLM(str(path), max_model_len=64, speculative_config=config)
+    distances = [total_variation(a, b) for a, b in zip(reference, position_counts(spec, prompt, range(1000, 1030), 4))]
+    stats = spec.engine.stats()
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens, stats  # drafts accepted and rejected
+    assert max(distances) < 0.06, distances
+
+    monkeypatch.setattr("engine.model_runner.verify_sampled", lambda drafts, q, p, generator: drafts + [
+        int(torch.multinomial(p[len(drafts)].float(), 1, generator=generator))])
+    broken = LLM(str(path), max_model_len=64, speculative_config=config)
+    broken_distances = [total_variation(a, b) for a, b in zip(reference, position_counts(broken, prompt,
+                                                                                        range(1000, 1030), 4))]
+    assert max(broken_distances) > 0.15, broken_distances
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_no_block_leaks_after_mixed_requests_with_aborts(make_ckpt, proposer):
     path = str(make_ckpt("llama"))
-    llm = LLM(path, max_model_len=256, block_size=4, num_kv_blocks=128, max_num_seqs=8,
-              speculative_config=ngram(3))
+    config = ngram(3) if proposer == "ngram" else {"model": str(make_ckpt("mistral")), "num_speculative_tokens": 3}
+    llm = LLM(path, max_model_len=256, block_size=4, num_kv_blocks=128, max_num_seqs=8, speculative_config=config)
     engine = llm.engine
     params = [SamplingParams(temperature=t, max_tokens=48, ignore_eos=True, seed=i, n=1 + i % 2)
               for i, t in enumerate([0.0, 1.0, 0.0, 0.7, 1.0, 0.0, 0.0, 1.0, 0.5, 0.0])]
