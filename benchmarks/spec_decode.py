@@ -2,6 +2,7 @@
 
     python -m benchmarks.spec_decode                      # batch 1, 4 and 16; K = 6; 2 rounds
     python -m benchmarks.spec_decode --k 3 --rounds 3 --output-len 64
+    python -m benchmarks.spec_decode --draft DIR --k 4   # a draft model proposes instead of prompt lookup
 
 Two workloads:
 - code editing: a standard-library source file the model has partly seen, then the same file again from its start,
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model directory (default: the demo model)")
     parser.add_argument("--k", type=int, default=6, help="num_speculative_tokens")
+    parser.add_argument("--draft", default=None, metavar="DIR",
+                        help="propose with this draft model (same vocabulary) instead of prompt lookup")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--output-len", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=2)
@@ -77,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
     spec_config = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 2,
                    "prompt_lookup_max": 4}
+    if args.draft:
+        spec_config = {"model": args.draft, "num_speculative_tokens": args.k}
+    proposer = "draft" if args.draft else "ngram"
     common = dict(enforce_eager=args.enforce_eager, max_num_seqs=max(args.batch_sizes))
     plain = LLM(args.model, **common)
     spec = LLM(args.model, speculative_config=spec_config, **common)
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                    "ratio": ratio, "acceptance": pairs[-1]["spec"]["acceptance"], "pairs": pairs}
             results.append(row)
             acceptance = "-" if row["acceptance"] is None else f"{100 * row['acceptance']:.0f}%"
-            print(f"{name:13s} batch {batch:3d}: plain {row['plain_tok_s']:7.1f} tok/s, ngram K={args.k} "
+            print(f"{name:13s} batch {batch:3d}: plain {row['plain_tok_s']:7.1f} tok/s, {proposer} K={args.k} "
                   f"{row['spec_tok_s']:7.1f} tok/s, ratio {ratio:.2f}, drafts accepted {acceptance}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

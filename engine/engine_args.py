@@ -129,6 +129,11 @@ class EngineArgs:
                 f"max_model_len {max_model_len} exceeds the model's {model.max_position_embeddings} learned positions",
                 "max_model_len",
             )
+        draft = speculative.draft if speculative is not None else None
+        if draft is not None and draft.rope is None and max_model_len > draft.max_position_embeddings:
+            raise ValidationError(f"max_model_len {max_model_len} exceeds the draft model's "
+                                  f"{draft.max_position_embeddings} learned positions; lower max_model_len",
+                                  "speculative_config")
         batched = self.max_num_batched_tokens or (2048 if self.enable_chunked_prefill else max(2048, max_model_len))
         _positive("max_num_batched_tokens", batched)
         # Every running sequence must fit in one step's budget, or some decodes would get no token, every step.

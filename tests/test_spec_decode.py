@@ -160,9 +160,13 @@ def test_greedy_with_a_draft_model_equals_the_engine_without(make_ckpt, kind):
     assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens > 0
 
 
-def test_a_draft_with_another_vocabulary_is_a_startup_error(make_ckpt, tiny_vocab):
+def test_a_draft_that_cannot_serve_the_model_is_a_startup_error(make_ckpt, tiny_vocab):
     with pytest.raises(ValidationError, match="draft must share the model's vocabulary"):
         LLM(str(make_ckpt("llama")), speculative_config={"model": str(tiny_vocab[0]), "num_speculative_tokens": 2})
+    # GPT-2's learned positions end at 256: it cannot draft for a longer context.
+    with pytest.raises(ValidationError, match="exceeds the draft model's 256 learned positions"):
+        LLM(str(make_ckpt("llama")), max_model_len=512,
+            speculative_config={"model": str(make_ckpt("gpt2")), "num_speculative_tokens": 2})
 
 
 def test_greedy_with_stops_and_a_grammar_equals_the_engine_without(make_ckpt):
