@@ -193,6 +193,16 @@ def test_greedy_with_stops_and_a_grammar_equals_the_engine_without(make_ckpt):
     assert [o.outputs[0].text for o in a] == [o.outputs[0].text for o in b]
     assert all(json.loads(o.outputs[0].text) for o in b)
     assert spec.engine.stats().spec_num_accepted_tokens > 0
+    # A draft model samples its drafts under the grammar too: sampled outputs stay valid, greedy ones unchanged.
+    drafted = LLM(path, max_model_len=256, speculative_config={"model": str(make_ckpt("qwen3")),
+                                                               "num_speculative_tokens": 3})
+    assert [o.outputs[0].text for o in drafted.generate(REPEATING, constrained, use_tqdm=False)] == \
+        [o.outputs[0].text for o in a]
+    sampled = constrained.clone(temperature=1.0, seed=5, n=3)
+    for out in drafted.generate(REPEATING, sampled, use_tqdm=False):
+        for completion in out.outputs:
+            assert completion.finish_reason == "length" or isinstance(json.loads(completion.text)["w"], list)
+    assert drafted.engine.stats().spec_num_draft_tokens > 0
 
 
 # ---- sampling: the same distribution --------------------------------------------------------------------------
