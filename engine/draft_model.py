@@ -76,8 +76,11 @@ class DraftModel:
         token, each next one the draft before it. A draft is sampled as the target would sample (the request's
         parameters, penalties and grammar, over the drafts before it), from the draft's logits."""
         proposals = [Proposal([], []) for _ in seqs]
+        counts = list(counts)
         for j in range(max(counts, default=0)):
             live = [i for i, count in enumerate(counts) if count > j]
+            if not live:
+                break
             rows = [_Position(seqs[i].seq_id, seqs[i].token_ids + proposals[i].tokens, seqs[i].block_ids) for i in live]
             batch = inputs.prepare([(row, 1) for row in rows], list(range(len(rows))), len(rows))
             ctx = ForwardContext(backend, backend.plan(layout(batch)), self.kv_caches)
@@ -87,7 +90,21 @@ class DraftModel:
             for row, i in enumerate(live):
                 proposals[i].tokens.append(tokens[row])
                 proposals[i].probs.append(probs[row])
+                if _ends(seqs[i], proposals[i].tokens):
+                    counts[i] = j + 1  # nothing can follow: no more drafts for it
         return proposals
+
+
+def _ends(seq: Sequence, drafts: list[int]) -> bool:
+    """Would the newest draft, once accepted, end the output (eos, a stop token id, a complete grammar)? Then a
+    further draft is wasted work, and under a grammar nothing would be allowed after it."""
+    token, params = drafts[-1], seq.params
+    if (token in params.eos_token_ids and not params.ignore_eos) or token in (params.stop_token_ids or ()):
+        return True
+    if seq.matcher is None:
+        return False
+    matcher = _view(seq, drafts).matcher
+    return matcher.is_stopped() or matcher.is_error()
 
 
 def _view(seq: Sequence, drafts: list[int]) -> DraftRow:

@@ -193,7 +193,11 @@ def verify_sampled(drafts: list[int], draft_probs: list[torch.Tensor], target_pr
         # A residual of all zeros (p equal to q up to rounding) would have accepted: sample from p itself.
         dist = residual / total if total > 0 else p[j]
         return drafts[:j] + [int(torch.multinomial(dist, 1, generator=generator))]
-    return drafts + [int(torch.multinomial(p[len(drafts)], 1, generator=generator))]
+    bonus = p[len(drafts)]
+    # After a draft that completes the sequence's grammar nothing is allowed (the row is NaN): it ends there anyway.
+    if not (torch.isfinite(bonus).all() and bonus.sum() > 0):
+        return drafts
+    return drafts + [int(torch.multinomial(bonus, 1, generator=generator))]
 
 
 def accepted(drafts: list[int], sampled: list[int]) -> int:

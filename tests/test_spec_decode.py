@@ -20,7 +20,7 @@ from engine.kv_cache import BlockPool
 from engine.sampling_params import StructuredOutputsParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
-from engine.spec_decode import NgramProposer, accepted, parse_speculative_config
+from engine.spec_decode import NgramProposer, accepted, parse_speculative_config, verify_sampled
 
 
 def ngram(k: int, lo: int = 1, hi: int = 4) -> dict:
@@ -69,6 +69,21 @@ def test_acceptance_is_the_common_prefix():
     assert accepted([4, 5, 6], [4, 5, 6, 7]) == 3
     assert accepted([4, 5, 6], [4, 9, 6, 7]) == 1
     assert accepted([4], [3, 4]) == 0
+
+
+def test_the_speculative_sampling_rule_gives_the_target_distribution():
+    """Drafts drawn from q, verified against p: the first kept token follows p, whatever q (20,000 trials)."""
+    generator = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    counts: collections.Counter = collections.Counter()
+    for _ in range(20000):
+        draft = int(torch.multinomial(q, 1, generator=generator))
+        counts[verify_sampled([draft], [q], p, generator)[0]] += 1
+    assert max(abs(counts[t] / 20000 - float(p[0, t])) for t in range(4)) < 0.015, counts
+    # After a draft that completes a grammar the next row allows nothing (NaN): the output ends with the draft.
+    done = torch.tensor([[1.0, 0.0, 0.0, 0.0], [float("nan")] * 4])
+    assert verify_sampled([0], [torch.tensor([1.0, 0.0, 0.0, 0.0])], done, generator) == [0]
 
 
 def test_a_stop_inside_an_accepted_run_ends_the_output_there():
