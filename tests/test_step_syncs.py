@@ -108,9 +108,9 @@ def record_steps(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, i
     runner = llm.engine.core.runner
     real = runner.execute
 
-    def execute(scheduled, samples):
+    def execute(scheduled, samples, *args):
         with host_reads(monkeypatch) as calls:
-            out = real(scheduled, samples)
+            out = real(scheduled, samples, *args)
         steps.append((step_kind(scheduled), sum(samples), list(calls)))
         return out
 
@@ -187,11 +187,11 @@ def test_cuda_decode_steps_do_not_sync(llama, monkeypatch, enforce_eager):
     real = runner.execute
     checked = []
 
-    def execute(scheduled, samples):
+    def execute(scheduled, samples, *args):
         if step_kind(scheduled) != "decode":
-            return real(scheduled, samples)
+            return real(scheduled, samples, *args)
         with sync_debug_errors():
-            result = real(scheduled, samples)
+            result = real(scheduled, samples, *args)
         checked.append(len(scheduled))
         return result
 
