@@ -22,7 +22,7 @@ from engine.models.common import ForwardContext
 from engine.models.loader import load_model
 from engine.sampler import apply_logit_processors, exponential_noise, sampling_probs
 from engine.sequence import Sequence
-from engine.spec_decode import DraftRow
+from engine.spec_decode import DraftRow, draft_row
 from engine.step_inputs import StepInputs
 from engine.structured_output import mask_logits
 
@@ -85,7 +85,7 @@ class DraftModel:
             batch = inputs.prepare([(row, 1) for row in rows], list(range(len(rows))), len(rows))
             ctx = ForwardContext(backend, backend.plan(layout(batch)), self.kv_caches)
             logits = self.model.compute_logits(self.model(batch.input_ids, batch.positions, ctx))
-            views = [_view(seqs[i], proposals[i].tokens) for i in live]
+            views = [draft_row(seqs[i], proposals[i].tokens) for i in live]
             tokens, probs = _draw(logits, views)
             for row, i in enumerate(live):
                 proposals[i].tokens.append(tokens[row])
@@ -103,17 +103,8 @@ def _ends(seq: Sequence, drafts: list[int]) -> bool:
         return True
     if seq.matcher is None:
         return False
-    matcher = _view(seq, drafts).matcher
+    matcher = draft_row(seq, drafts).matcher
     return matcher.is_stopped() or matcher.is_error()
-
-
-def _view(seq: Sequence, drafts: list[int]) -> DraftRow:
-    matcher = seq.matcher
-    if matcher is not None and drafts:
-        matcher = matcher.deep_copy()
-        for token in drafts:
-            matcher.consume_token(token)
-    return DraftRow(seq.params, seq.prompt_token_ids, seq.output_token_ids + drafts, seq.generator, matcher)
 
 
 def _draw(logits: torch.Tensor, views: list[DraftRow]) -> tuple[list[int], list[torch.Tensor | None]]:

@@ -166,15 +166,17 @@ class DraftRow:
 def draft_rows(seq: Sequence, drafts: list[int]) -> list[Sequence | DraftRow]:
     """Sampler rows for seq's 1 + len(drafts) positions: the sequence itself, then a view per accepted-so-far prefix.
     The generator is shared, so a seeded sequence draws its noise position after position from its own stream."""
-    rows: list[Sequence | DraftRow] = [seq]
+    return [seq] + [draft_row(seq, drafts[:j]) for j in range(1, len(drafts) + 1)]
+
+
+def draft_row(seq: Sequence, drafts: list[int]) -> DraftRow:
+    """seq as if `drafts` were its newest output tokens; its grammar matcher (a copy) advanced through them."""
     matcher = seq.matcher
-    for j in range(1, len(drafts) + 1):
-        if seq.matcher is not None:
-            matcher = matcher.deep_copy()
-            matcher.consume_token(drafts[j - 1])
-        rows.append(DraftRow(seq.params, seq.prompt_token_ids, seq.output_token_ids + drafts[:j], seq.generator,
-                             matcher))
-    return rows
+    if matcher is not None and drafts:
+        matcher = matcher.deep_copy()
+        for token in drafts:
+            matcher.consume_token(token)
+    return DraftRow(seq.params, seq.prompt_token_ids, seq.output_token_ids + drafts, seq.generator, matcher)
 
 
 def verify_sampled(drafts: list[int], draft_probs: list[torch.Tensor], target_probs: torch.Tensor,
