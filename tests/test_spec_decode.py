@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -378,3 +379,68 @@ def test_served_with_the_flag_streams_and_counts(make_ckpt):
     assert counts["attnserve_spec_decode_num_accepted_tokens_total"] > 0
     assert counts["attnserve_spec_decode_num_draft_tokens_total"] >= counts["attnserve_spec_decode_num_accepted_tokens_total"]
     assert counts["attnserve_spec_decode_num_drafts_total"] > 0
+
+
+def test_a_served_soak_of_speculative_constrained_and_dropped_requests_leaks_nothing(make_ckpt):
+    """150 concurrent requests over HTTP on a pool small enough to preempt all the time: n-gram speculation on every
+    step, a third of them constrained (JSON schema or regex), streamed or not, 30% dropped mid-flight. Every finished
+    constrained output is valid, and afterwards every KV block is free."""
+    import asyncio
+    import random
+
+    import httpx
+
+    from server_process import InProcessServer
+
+    schema = {"type": "object", "properties": {"w": {"type": "array", "items": {"enum": ["one", "two"]},
+                                                     "maxItems": 6}}, "required": ["w"], "additionalProperties": False}
+
+    async def one(client: httpx.AsyncClient, rng: random.Random, i: int) -> str:
+        body = {"model": "test-model", "prompt": rng.choice(REPEATING), "max_tokens": rng.randint(4, 40),
+                "temperature": rng.choice([0.0, 0.8]), "n": rng.choice([1, 1, 2]), "seed": rng.choice([None, i])}
+        if rng.random() < 0.2:
+            body["structured_outputs"] = {"json": schema}
+        elif rng.random() < 0.15:
+            body["guided_regex"] = "(ab|cd){1,6}"
+        drop = rng.random() < 0.3
+        if rng.random() < 0.5:
+            async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                assert r.status_code == 200
+                lines = 0
+                async for _ in r.aiter_lines():
+                    lines += 1
+                    if drop and lines > 3:
+                        return "dropped"
+            return "ok"
+        request = client.post("/v1/completions", json=body)
+        if drop:
+            try:
+                await asyncio.wait_for(request, timeout=rng.uniform(0.01, 0.2))
+            except asyncio.TimeoutError:
+                return "dropped"
+            return "ok"
+        response = await request
+        assert response.status_code == 200, response.text
+        for choice in response.json()["choices"]:
+            if "structured_outputs" in body and choice["finish_reason"] == "stop":
+                assert len(json.loads(choice["text"])["w"]) <= 6
+            if "guided_regex" in body and choice["finish_reason"] == "stop":
+                assert re.fullmatch("(ab|cd){1,6}", choice["text"]), choice["text"]
+        return "ok"
+
+    async def run(url: str) -> collections.Counter:
+        rng, gate = random.Random(0), asyncio.Semaphore(24)
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            async def gated(i: int) -> str:
+                async with gate:
+                    return await one(client, rng, i)
+            return collections.Counter(await asyncio.gather(*[gated(i) for i in range(150)]))
+
+    config = {**ngram(3, 1), "disable_by_batch_size": None}
+    with InProcessServer(make_ckpt("llama"), max_model_len=160, num_kv_blocks=40, block_size=4, max_num_seqs=16,
+                         speculative_config=config) as server:
+        outcomes = asyncio.run(run(server.url))
+        server.wait_idle(60)  # every request ended and every block is back
+        stats = server.engine.stats()
+    assert outcomes["ok"] > 90 and outcomes["dropped"] > 20, outcomes
+    assert stats.num_preemptions > 0 and stats.spec_num_accepted_tokens > 0, stats
