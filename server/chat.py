@@ -74,7 +74,7 @@ def _for_template(message: dict) -> dict:
         if isinstance(arguments, str):
             try:
                 function = {**function, "arguments": json.loads(arguments)}
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested past what the parser takes
                 raise ValidationError(f"messages: tool_calls[{i}].function.arguments must be JSON text, got "
                                       f"{arguments[:100]!r}", "messages") from None
             call = {**call, "function": function}

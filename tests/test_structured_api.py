@@ -222,6 +222,11 @@ def test_tool_calls_and_tool_results_round_trip_through_the_template(server):
     reply = post(server, "/v1/chat/completions", {"messages": messages, "tools": [WEATHER], "tool_choice": "none",
                                                   "max_tokens": 4})
     assert reply.status_code == 200, reply.text
+    for arguments in ("{not json", "[" * 100000 + "]" * 100000):  # broken, and nested past the JSON parser's depth
+        bad = [messages[0], {**messages[1], "tool_calls": [{**messages[1]["tool_calls"][0], "function": {
+            "name": "get_weather", "arguments": arguments}}]}]
+        refused = post(server, "/v1/chat/completions", {"messages": bad, "max_tokens": 4})
+        assert refused.status_code == 400 and "arguments must be JSON text" in refused.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("body, param, says", [
