@@ -150,12 +150,13 @@ class EngineCore:
                 raise RuntimeError("scheduler made no progress with requests pending (pool or budget misconfigured)")
             return CoreStepOutput()
         scheduled_at = time.monotonic()
+        draft_probs = None
         if sched.spec_tokens and self.runner.draft is not None:
-            self.runner.propose_drafts(sched.scheduled, sched.spec_tokens)
+            draft_probs = self.runner.propose_drafts(sched.scheduled, sched.spec_tokens)
             # A draft model may stop short of its slots (a draft that ends the output): fewer tokens to compute.
             sched.scheduled = [(seq, 1 + len(sched.spec_tokens[seq.seq_id])) if seq.seq_id in sched.spec_tokens
                                else (seq, n) for seq, n in sched.scheduled]
-        result = self.runner.execute(sched.scheduled, sched.samples, sched.spec_tokens)
+        result = self.runner.execute(sched.scheduled, sched.samples, sched.spec_tokens, draft_probs)
         taken = self.scheduler.update_from_output(sched, result.token_ids, result.prompt_logprobs)
         self._count_speculation(sched.spec_tokens, taken, result.token_ids)
         outputs = []

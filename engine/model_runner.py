@@ -23,16 +23,16 @@ import torch
 from engine.compilation import CompiledModel, compile_model, room_for_graphs
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs, capture_sizes, cuda_graphs_unavailable, padded_size
+from engine.draft_model import DraftModel
 from engine.kv_cache import allocate_kv_tensors, blocks_for, bytes_per_block
 from engine.models.common import ForwardContext
 from engine.models.loader import load_model
 from engine.outputs import TokenLogprob
-from engine.draft_model import DraftModel
 from engine.sampler import Sampler, apply_logit_processors, sampling_probs, score_tokens
 from engine.sequence import Sequence
 from engine.spec_decode import accepted, draft_rows, verify_sampled
-from engine.structured_output import mask_logits
 from engine.step_inputs import StepBatch, StepInputs
+from engine.structured_output import mask_logits
 from kernels.backend import get_attention_backend
 from kernels.interface import BatchLayout
 from kernels.transfer import to_device
@@ -104,7 +104,6 @@ class ModelRunner:
         spec = config.speculative
         self.draft = None if spec is None or spec.draft is None else \
             DraftModel(spec.draft, config.device, config.dtype, config.load_format, config.seed)
-        self._draft_probs: dict[int, list] = {}  # seq_id -> the draft's distributions of its pending drafts
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
         self.max_context_len = 0  # the longest context a sequence can reach
@@ -267,12 +266,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]], samples: list[bool],
-                spec_tokens: dict[int, list[int]] | None = None) -> StepResult:
+                spec_tokens: dict[int, list[int]] | None = None,
+                draft_probs: dict[int, list[torch.Tensor | None]] | None = None) -> StepResult:
         """Run one step. `samples[i]`: scheduled[i] samples a token (the scheduler decides). spec_tokens: seq_id -> the
         draft tokens scheduled after its newest token; it samples at each of their positions too, and keeps the drafts
-        its samples confirm (engine/spec_decode.py). Returns the sampling sequences' tokens, in order, and the prompt
-        logprobs this step computed."""
-        spec_tokens = spec_tokens or {}
+        its samples confirm (engine/spec_decode.py). draft_probs: seq_id -> the distributions a draft model drew them
+        from (propose_drafts). Returns the sampling sequences' tokens, in order, and the prompt logprobs this step
+        computed."""
+        spec_tokens, draft_probs = spec_tokens or {}, draft_probs or {}
         sampling: list[Sequence] = []
         rows: list[int] = []
         row_seqs: list = []  # per logits row, what the sampler reads: a sequence, or a view of it at a draft
@@ -305,12 +306,11 @@ class ModelRunner:
         for seq in sampling:
             drafts = spec_tokens.get(seq.seq_id, [])
             drawn = out.token_ids[at : at + len(drafts) + 1]
-            draft_probs = self._draft_probs.pop(seq.seq_id, None)
-            if drafts and draft_probs is not None and not seq.params.greedy:
+            q = draft_probs.get(seq.seq_id)
+            if drafts and q is not None and not seq.params.greedy:
                 # A draft model's proposals are not one-hot: the general rule, and the logprobs of what it keeps.
                 rows_at = slice(at, at + len(drafts) + 1)
-                kept = verify_sampled(drafts, draft_probs, _target_probs(logits[rows_at], row_seqs[rows_at]),
-                                      seq.generator)
+                kept = verify_sampled(drafts, q, _target_probs(logits[rows_at], row_seqs[rows_at]), seq.generator)
                 token_ids.append(kept)
                 logprobs.append(_score(logits[rows_at], row_seqs[rows_at], kept))
             else:
@@ -318,7 +318,6 @@ class ModelRunner:
                 token_ids.append(drawn[:keep])
                 logprobs.append(out.logprobs[at : at + keep])
             at += len(drafts) + 1
-        self._draft_probs.clear()
         return StepResult(token_ids, logprobs, prompt_logprobs)
 
     def _score_prompts(self, hidden: torch.Tensor, slices: list[_PromptSlice]) -> dict[int, list[TokenLogprob]]:
@@ -346,7 +345,8 @@ class ModelRunner:
     def _padded_decode_size(self, scheduled: list[tuple[Sequence, int]], sampling: list[Sequence]) -> int | None:
         """The padded size for a pure decode step (every sequence computes exactly its newest token), or
         None: not pure decode, padding off, larger than the largest size, or a draft model to run alongside."""
-        if not self.decode_sizes or self.draft is not None or len(sampling) != len(scheduled) or any(n != 1 for _, n in scheduled):
+        if not self.decode_sizes or self.draft is not None or len(sampling) != len(scheduled) \
+                or any(n != 1 for _, n in scheduled):
             return None
         return padded_size(len(scheduled), self.decode_sizes)
 
@@ -371,14 +371,16 @@ class ModelRunner:
         return hidden
 
     @torch.inference_mode()
-    def propose_drafts(self, scheduled: list[tuple[Sequence, int]], spec_tokens: dict[int, list[int]]) -> None:
-        """Fill in the draft model's drafts for the step (spec_tokens holds PENDING slots, as many as fit)."""
+    def propose_drafts(self, scheduled: list[tuple[Sequence, int]],
+                       spec_tokens: dict[int, list[int]]) -> dict[int, list[torch.Tensor | None]]:
+        """Fill in the draft model's drafts for the step (spec_tokens holds PENDING slots, as many as fit). Returns
+        seq_id -> the distribution each draft was drawn from, for execute() to verify them against."""
         seqs = [seq for seq, _ in scheduled if seq.seq_id in spec_tokens]
         proposals = self.draft.propose(seqs, [len(spec_tokens[seq.seq_id]) for seq in seqs], self.inputs,
                                        self.backend, self._layout)
         for seq, proposal in zip(seqs, proposals):
             spec_tokens[seq.seq_id] = proposal.tokens
-            self._draft_probs[seq.seq_id] = proposal.probs
+        return {seq.seq_id: proposal.probs for seq, proposal in zip(seqs, proposals)}
 
     def _logits(self, hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """Logits of hidden's `rows` (None: every row)."""

@@ -53,9 +53,8 @@ class CompiledGrammar:
     """A compiled constraint: a matcher in its start state, copied (cheaply: the compiled grammar is shared) for
     each sample."""
 
-    def __init__(self, matcher: Any, spec: StructuredOutputsParams):
+    def __init__(self, matcher: Any):
         self._start = matcher
-        self.spec = spec
 
     def new_matcher(self) -> Any:
         return self._start.deep_copy()
@@ -97,7 +96,7 @@ class GrammarCompiler:
         if matcher.is_error():
             raise ValidationError(f"the structured-output {spec.kind} is invalid: {_first_line(matcher.get_error())}",
                                   "structured_outputs")
-        return CompiledGrammar(matcher, spec)
+        return CompiledGrammar(matcher)
 
     def _llg_tokenizer(self, llguidance):
         with self._lock:
