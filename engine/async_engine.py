@@ -251,9 +251,21 @@ class AsyncEngine:
         self._stopping.set()
         self._commands.put(("wake", None))
         self._thread.join(timeout)
-        if self._thread.is_alive() and self._dead_error is None:
-            # The loop is stuck inside a step: end the requests now rather than leave their callers waiting on it.
-            self._fail_all(EngineDeadError(reason))
+        if self._thread.is_alive():
+            if self._dead_error is None:
+                # The loop is stuck inside a step: end the requests now rather than leave their callers waiting on it.
+                self._fail_all(EngineDeadError(reason))
+            if self._kill_workers():  # a step blocked on a hung tensor-parallel rank now fails: let the loop end
+                self._thread.join(5.0)
+
+    def _kill_workers(self) -> bool:
+        """Kill the tensor-parallel workers, if any (any thread): a step blocked on a hung rank then fails and returns.
+        Returns whether there were any."""
+        engine = getattr(self, "engine", None)
+        if engine is None or engine.info.tensor_parallel_size == 1:
+            return False
+        engine.shutdown(kill=True)
+        return True
 
     def _check_alive(self) -> None:
         if not self.is_healthy:
@@ -277,6 +289,7 @@ class AsyncEngine:
             # NOTE: a loop the watchdog declared dead stops here, even if its stalled step returns later.
             while not self._stopping.is_set() and self._dead_error is None:
                 self._heartbeat = time.monotonic()
+                self.engine.check_health()
                 # NOTE: paused requests are unfinished but give the loop nothing to do: it waits for commands.
                 outputs = self._drain_commands(block=not self.engine.has_schedulable_requests())
                 if self.engine.has_schedulable_requests():
@@ -291,6 +304,8 @@ class AsyncEngine:
             logger.exception("engine loop died")
             self._fail_all(exc)
             return
+        finally:
+            self.engine.shutdown()  # the thread that drove the tensor-parallel ranks stops them
         if self._dead_error is None:  # else the watchdog has already failed everything, with its reason
             self._fail_all(EngineDeadError(self._shutdown_reason))
 
@@ -365,6 +380,7 @@ class AsyncEngine:
                              "now reported dead", stalled, timeout_s)
                 self._fail_all(EngineDeadError(f"the engine loop stalled: one step took longer than the watchdog "
                                                f"timeout of {timeout_s:g} s"))
+                self._kill_workers()  # a hung tensor-parallel rank: its peers' blocked step then fails and returns
                 return
 
     def _fail_all(self, exc: BaseException) -> None:

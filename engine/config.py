@@ -288,6 +288,29 @@ class SpeculativeConfig:
     disable_by_batch_size: int | None = 8
 
 
+EXECUTOR_BACKENDS = ("mp", "external_launcher")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism (engine/parallel.py): one model across tensor_parallel_size ranks, each a process with 1/N of
+    the weights and of the KV cache. Size 1: this process alone, no torch.distributed."""
+
+    tensor_parallel_size: int = 1
+    # "mp": this process starts its node's other ranks as local processes (rank 0 is the engine's own process);
+    # "external_launcher": every rank was started by torchrun, which set RANK, WORLD_SIZE and MASTER_ADDR/PORT (env://).
+    distributed_executor_backend: str = "mp"
+    nnodes: int = 1  # nodes the ranks span (mp): each runs tensor_parallel_size / nnodes of them
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"  # where rank 0 listens for the others to join
+    master_port: int | None = None  # None: a free port, chosen by rank 0 (one node only)
+    rank: int = 0  # this process's rank: 0 schedules, samples and drives the others
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel_size // self.nnodes
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
@@ -301,3 +324,4 @@ class EngineConfig:
     enforce_eager: bool = False  # no torch.compile (CPU), no CUDA graphs for decode steps (CUDA)
     chat_template: str | None = None  # Jinja source that replaces the model's chat template (--chat-template)
     speculative: SpeculativeConfig | None = None  # None: one token per sequence per step
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -188,6 +188,14 @@ class EngineCore:
                 self.spec_num_draft_tokens += len(drafts)
                 self.spec_num_accepted_tokens += len(tokens) - 1
 
+    def check_workers(self) -> None:
+        """Raise if a tensor-parallel worker process has exited (engine/parallel.py)."""
+        self.runner.check_workers()
+
+    def shutdown(self, kill: bool = False) -> None:
+        """Stop the tensor-parallel workers, if any (kill: at once, from any thread; see ModelRunner.shutdown)."""
+        self.runner.shutdown(kill)
+
     def _forget_if_done(self, request_id: str) -> None:
         if all(seq.is_finished for seq in self._seqs.get(request_id, [])):
             self._seqs.pop(request_id, None)

@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 from engine.chat_template import load_chat_template_arg
-from engine.config import (SCHEDULING_POLICIES, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig,
-                           parse_dtype)
+from engine.config import (EXECUTOR_BACKENDS, SCHEDULING_POLICIES, CacheConfig, EngineConfig, ModelConfig,
+                           ParallelConfig, SchedulerConfig, parse_dtype)
 from engine.errors import ValidationError
 from engine.hub import resolve_model
+from engine.parallel import check_layout
 from engine.spec_decode import check_draft_vocabulary, parse_speculative_config
 from kernels.backend import choose_attention_backend
 
@@ -74,6 +75,13 @@ class EngineArgs:
     # vLLM's: {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": a, "prompt_lookup_max": b}, or
     # its JSON text (engine/spec_decode.py). None: no speculative decoding.
     speculative_config: dict | str | None = None
+    # Tensor parallelism (engine/parallel.py): the model split across this many ranks (processes, one per GPU).
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str = "mp"  # "mp": local processes (+ --headless nodes); "external_launcher": torchrun
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
 
     @classmethod
     def from_kwargs(cls, model: str | Path | None = None, **kwargs) -> EngineArgs:
@@ -110,6 +118,7 @@ class EngineArgs:
             choose_attention_backend(self.attention_backend, device)
         except (ValueError, RuntimeError) as exc:
             raise ValidationError(str(exc), "attention_backend") from None
+        parallel = self._parallel_config()
         chat_template = None if self.chat_template is None else load_chat_template_arg(self.chat_template)
         speculative = parse_speculative_config(self.speculative_config)
         if self.model is None:
@@ -121,6 +130,7 @@ class EngineArgs:
             draft = ModelConfig.from_dir(resolve_model(speculative.model, None, self.load_format))
             check_draft_vocabulary(model, draft)
             speculative = dataclasses.replace(speculative, draft=draft)
+        check_layout(model, parallel, device)
         max_model_len = self.max_model_len or model.max_position_embeddings
         _positive("max_model_len", max_model_len)
         if model.rope is None and max_model_len > model.max_position_embeddings:
@@ -162,7 +172,36 @@ class EngineArgs:
             enforce_eager=self.enforce_eager if self.enforce_eager is not None else _env_enforce_eager(),
             chat_template=chat_template,
             speculative=speculative,
+            parallel=parallel,
         )
+
+    def _parallel_config(self) -> ParallelConfig:
+        n, nnodes = self.tensor_parallel_size, self.nnodes
+        _positive("tensor_parallel_size", n)
+        _positive("nnodes", nnodes)
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ValidationError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, got "
+                                  f"{self.distributed_executor_backend!r}", "distributed_executor_backend")
+        if n % nnodes:
+            raise ValidationError(f"tensor_parallel_size {n} must be a multiple of nnodes {nnodes} (each node runs the "
+                                  "same number of ranks)", "nnodes")
+        if not isinstance(self.node_rank, int) or not 0 <= self.node_rank < nnodes:
+            raise ValidationError(f"node_rank must be in [0, {nnodes}), got {self.node_rank!r}", "node_rank")
+        if self.master_port is not None and not (isinstance(self.master_port, int) and 0 < self.master_port < 65536):
+            raise ValidationError(f"master_port must be a TCP port (1-65535), got {self.master_port!r}", "master_port")
+        if nnodes > 1 and self.master_port is None:
+            raise ValidationError("nnodes > 1 needs master_port (and master_addr: the address of node 0, where rank 0 "
+                                  "listens for the other nodes)", "master_port")
+        if self.distributed_executor_backend == "external_launcher":
+            world = os.environ.get("WORLD_SIZE")
+            if world is None or "RANK" not in os.environ:
+                raise ValidationError("distributed_executor_backend external_launcher needs the RANK and WORLD_SIZE "
+                                      "that torchrun sets; start the command under torchrun", "distributed_executor_backend")
+            if world != str(n):
+                raise ValidationError(f"torchrun started {world} processes but tensor_parallel_size is {n}; they must "
+                                      "be equal", "tensor_parallel_size")
+        return ParallelConfig(n, self.distributed_executor_backend, nnodes, self.node_rank, self.master_addr,
+                              self.master_port)
 
 
 def _env_enforce_eager() -> bool:

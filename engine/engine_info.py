@@ -33,3 +33,5 @@ class EngineInfo:
     max_num_batched_tokens: int
     enable_prefix_caching: bool
     scheduling_policy: str  # "fair", "fcfs" or "priority" (engine/scheduler.py)
+    tensor_parallel_size: int = 1
+    parallel_layout: str = "one process"  # engine/parallel.py describe_layout

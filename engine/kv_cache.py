@@ -124,17 +124,18 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
     return math.ceil(num_tokens / block_size)
 
 
-def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """K and V, every layer, one block."""
+def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
+    """K and V, every layer, one block. num_kv_heads: a tensor-parallel rank's own (None: the model's)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * itemsize
+    return 2 * model.num_layers * block_size * (num_kv_heads or model.num_kv_heads) * model.head_dim * itemsize
 
 
 def allocate_kv_tensors(
-    model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+    num_kv_heads: int | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]."""
-    shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+    shape = (num_blocks, block_size, num_kv_heads or model.num_kv_heads, model.head_dim)
     return [
         (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         for _ in range(model.num_layers)

@@ -27,6 +27,10 @@ class LLM:
         self.engine = LLMEngine.from_args(model, **engine_args)
         self._ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (they also end with this process)."""
+        self.engine.shutdown()
+
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 

@@ -17,6 +17,7 @@ from engine.engine_info import EngineInfo
 from engine.models.dummy import tokenizer_for
 from engine.output_processor import OutputProcessor, read_generation_defaults
 from engine.outputs import RequestOutput
+from engine.parallel import describe_layout
 from engine.sampling_params import SamplingParams
 from engine.stats import IterationStats
 from engine.tokenizer import Tokenizer
@@ -38,6 +39,8 @@ class LLMEngine:
             num_kv_blocks=core.pool.num_blocks, block_size=cfg.cache.block_size,
             max_num_seqs=cfg.scheduler.max_num_seqs, max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
             enable_prefix_caching=cfg.cache.enable_prefix_caching, scheduling_policy=cfg.scheduler.policy,
+            tensor_parallel_size=cfg.parallel.tensor_parallel_size,
+            parallel_layout=describe_layout(cfg.parallel, cfg.device),
         )
         self.processor = OutputProcessor(self.info, tokenizer.eos_token_ids | cfg.model.eos_token_ids)
 
@@ -90,6 +93,14 @@ class LLMEngine:
         for request_id, index in stopped:
             self.core.abort(request_id, index)
         return outputs
+
+    def check_health(self) -> None:
+        """Raise if the engine cannot step any more (a tensor-parallel worker has exited)."""
+        self.core.check_workers()
+
+    def shutdown(self, kill: bool = False) -> None:
+        """Release what outlives the object: the tensor-parallel worker processes (kill: at once, from any thread)."""
+        self.core.shutdown(kill)
 
     def pop_iteration_stats(self) -> IterationStats:
         return self.processor.pop_iteration_stats()

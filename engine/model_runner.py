@@ -14,8 +14,11 @@ forward kernel by kernel.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +28,11 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs, capture_sizes, cuda_graphs_unavailable, padded_size
 from engine.draft_model import DraftModel
 from engine.kv_cache import allocate_kv_tensors, blocks_for, bytes_per_block
-from engine.models.common import ForwardContext
-from engine.models.loader import load_model
+from engine import parallel
+from engine.models.common import WHOLE, ForwardContext, Shard
+from engine.models.loader import build_meta_model, load_model
 from engine.outputs import TokenLogprob
+from engine.parallel import TensorParallelGroup
 from engine.sampler import Sampler, apply_logit_processors, sampling_probs, score_tokens
 from engine.sequence import Sequence
 from engine.spec_decode import accepted, draft_rows, verify_sampled
@@ -92,17 +97,40 @@ def _prompt_slice(seq: Sequence, n: int, first_row: int) -> _PromptSlice | None:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, group: TensorParallelGroup | None = None):
+        """group: a worker rank's tensor-parallel group (worker_main). Rank 0 starts the other ranks itself."""
+        self.tp = group
+        if config.parallel.tensor_parallel_size > 1 and group is None:
+            config, self.tp = parallel.start(config)
         self.config = config
         self.device = config.device
         self.block_size = config.cache.block_size
+        shard = self.tp.shard if self.tp is not None else WHOLE
+        self.num_kv_heads = shard.kv_heads(config.model.num_kv_heads)[1]  # this rank's share of the KV cache
+        try:
+            self._load(config, shard)
+        except BaseException as exc:
+            if self.tp is not None:
+                self._fail_start(exc)
+            raise
+        if self.tp is not None:
+            try:
+                self.tp.agree_ready(None)  # rank 0 raises if another rank failed to load
+            except BaseException:
+                self.tp.kill_workers()
+                self.tp.shutdown()
+                raise
+
+    def _load(self, config: EngineConfig, shard: Shard) -> None:
         torch.manual_seed(config.seed)
-        self.model = load_model(config.model, config.device, config.dtype, config.load_format, config.seed)
+        self.model = load_model(config.model, config.device, config.dtype, config.load_format, config.seed, shard)
         self.backend = get_attention_backend(config.attention_backend, config.device)
-        logger.info("attention backend %s", self.backend.selection_reason)
+        if shard.rank == 0:
+            logger.info("attention backend %s", self.backend.selection_reason)
         self.sampler = Sampler()
         spec = config.speculative
-        self.draft = None if spec is None or spec.draft is None else \
+        # A draft model runs on rank 0 alone, whole: it is small, and only rank 0 samples.
+        self.draft = None if spec is None or spec.draft is None or shard.rank != 0 else \
             DraftModel(spec.draft, config.device, config.dtype, config.load_format, config.seed)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
@@ -114,31 +142,48 @@ class ModelRunner:
         # are the captured sizes when graphs are in use; tests set them to run the padded path eagerly.
         self.decode_sizes: list[int] = []
 
+    def _fail_start(self, exc: BaseException) -> None:
+        """A rank failed to load: a worker tells rank 0 why (then exits); rank 0 stops the others."""
+        if self.tp.rank != 0:
+            with contextlib.suppress(Exception):
+                self.tp.agree_ready(f"{type(exc).__name__}: {exc}")
+        else:
+            self.tp.kill_workers()
+            self.tp.shutdown()
+
     @property
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """The whole model's (with tensor parallelism this rank holds a share of them)."""
+        model = self.model if self.tp is None else build_meta_model(self.config.model)
+        return sum(p.numel() for p in model.parameters())
 
     def determine_num_blocks(self) -> int:
-        """Pool size: explicit count, else the CPU memory budget, else (CUDA) what the profiled peak leaves."""
+        """Pool size: explicit count, else the CPU memory budget, else (CUDA) what the profiled peak leaves (on every
+        tensor-parallel rank: the least of them). With tensor parallelism the budgets are per rank, as in vLLM."""
         cache = self.config.cache
-        per_block = bytes_per_block(self.config.model, self.block_size, self.config.dtype)
+        per_block = bytes_per_block(self.config.model, self.block_size, self.config.dtype, self.num_kv_heads)
         if self.draft is not None:  # a block holds the draft's K/V of its tokens too
             per_block += self.draft.bytes_per_block(self.block_size)
         if cache.num_blocks is not None:
             return cache.num_blocks
         if self.device.type != "cuda":
             return max(1, cache.kv_cache_memory // per_block)
-        return max(1, self._profile_free_cuda_memory() // per_block)
+        if self.tp is None:
+            return max(1, self._profile_free_cuda_memory() // per_block)
+        self.tp.send(parallel.PROFILE, [])
+        return max(1, self.tp.min(self._profile_free_cuda_memory()) // per_block)
 
     def allocate_kv_cache(self, num_blocks: int, max_context_len: int) -> None:
         """The KV cache for a pool of num_blocks, plus the padding block, the step buffers (sized for sequences of
         up to max_context_len tokens: max_model_len, capped by the pool) and (CUDA) the decode graphs. Graphs hold
         the addresses of the cache and the buffers, so they are captured here, whenever those are (re)allocated."""
+        if self.tp is not None and self.tp.rank == 0:
+            self.tp.send(parallel.ALLOCATE, [[num_blocks, max_context_len]])
         self.graphs = None
         self.decode_sizes = []
         # One block past the pool's: the padding block of padded decode batches (engine/step_inputs.py).
         self.kv_caches = allocate_kv_tensors(
-            self.config.model, num_blocks + 1, self.block_size, self.config.dtype, self.device
+            self.config.model, num_blocks + 1, self.block_size, self.config.dtype, self.device, self.num_kv_heads
         )
         if self.draft is not None:
             self.draft.allocate(num_blocks + 1, self.block_size)
@@ -157,9 +202,11 @@ class ModelRunner:
         if self.compiled is None and self.device.type == "cpu" and not self.config.enforce_eager:
             # NOTE: CPU only for now: on CUDA, decode steps replay CUDA graphs of the eager model, and the compiled
             # path has not been measured there yet.
-            self.compiled = compile_model(self.model, sched.max_num_batched_tokens, sched.max_num_seqs)
-            if self.compiled is not None and self.backend.compile_decode():
-                self._warm_up_decode_kernel()
+            # Each rank compiles and warms up on its own (alone(): no all-reduce talks to the others meanwhile).
+            with self.tp.alone() if self.tp is not None else contextlib.nullcontext():
+                self.compiled = compile_model(self.model, sched.max_num_batched_tokens, sched.max_num_seqs)
+                if self.compiled is not None and self.backend.compile_decode():
+                    self._warm_up_decode_kernel()
 
     @torch.inference_mode()
     def _warm_up_decode_kernel(self) -> None:
@@ -234,7 +281,8 @@ class ModelRunner:
         num_seqs = max(1, min(sched.max_num_seqs, sched.max_num_batched_tokens // seq_len))
         blocks_per_seq = -(-seq_len // self.block_size)
         self.kv_caches = allocate_kv_tensors(
-            self.config.model, num_seqs * blocks_per_seq, self.block_size, self.config.dtype, self.device
+            self.config.model, num_seqs * blocks_per_seq, self.block_size, self.config.dtype, self.device,
+            self.num_kv_heads,
         )
         tables = torch.arange(num_seqs * blocks_per_seq).view(num_seqs, blocks_per_seq)
         positions = torch.arange(seq_len).repeat(num_seqs)
@@ -250,7 +298,7 @@ class ModelRunner:
         ctx = ForwardContext(self.backend, self.backend.plan(layout), self.kv_caches)
         input_ids = torch.zeros(num_seqs * seq_len, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, positions.to(self.device), ctx)
-        self.model.compute_logits(hidden[-num_seqs:])
+        self._full_logits(hidden[-num_seqs:])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         self.kv_caches = []
@@ -291,13 +339,16 @@ class ModelRunner:
                 row_seqs.extend(draft_rows(seq, drafts) if drafts else [seq])
         padded = None if scoring else self._padded_decode_size(scheduled, sampling)
         batch = self.inputs.prepare(scheduled, rows, padded or len(scheduled), spec_tokens)
+        score_rows, chunk = self._scoring_rows(scoring)
+        if self.tp is not None:  # the other ranks run the same forward and LM-head calls (follow())
+            self.tp.send(parallel.STEP, self.inputs.message(batch) + [score_rows, [chunk], [bool(sampling)]])
         prompt_logprobs = {}
         if padded is not None:
             logits = self._padded_decode(batch)[: batch.num_seqs]
         else:
             hidden = self._eager_forward(batch)
             if scoring:
-                prompt_logprobs = self._score_prompts(hidden, scoring)
+                prompt_logprobs = self._score_prompts(self._scoring_logits(hidden, score_rows, chunk), scoring)
             logits = self._logits(hidden, batch.logits_rows) if sampling else None
         if not sampling:
             return StepResult([], [], prompt_logprobs)
@@ -320,21 +371,29 @@ class ModelRunner:
             at += len(drafts) + 1
         return StepResult(token_ids, logprobs, prompt_logprobs)
 
-    def _score_prompts(self, hidden: torch.Tensor, slices: list[_PromptSlice]) -> dict[int, list[TokenLogprob]]:
-        """The prompt logprobs of `slices` (seq_id -> in position order) from the step's hidden states. The LM head
-        runs over their rows a bounded number at a time: a prompt chunk's logits are [tokens, vocab] floats."""
+    def _scoring_rows(self, slices: list[_PromptSlice]) -> tuple[list[int], int]:
+        """The hidden rows whose logits score prompt tokens, and how many the LM head takes at a time: a prompt
+        chunk's logits are [tokens, vocab] floats, so they are computed a bounded number of rows at a time."""
         rows = [row for s in slices for row in range(s.first_row, s.first_row + len(s.targets))]
-        targets = [token for s in slices for token in s.targets]
-        tops = [s.num_top for s in slices for _ in s.targets]
-        model = self.compiled or self.model
         most = max(1, _SCORING_LOGITS // self.config.model.vocab_size)
         if self.compiled is not None:
             most = min(most, self.compiled.row_buckets[-1])
-        scored: list[TokenLogprob] = []
+        return rows, most
+
+    def _scoring_logits(self, hidden: torch.Tensor, rows: list[int], most: int) -> Iterator[torch.Tensor | None]:
+        """The logits of `rows`, `most` at a time (on a worker rank: its part of each call, and None)."""
         for lo in range(0, len(rows), most):
             index = to_device(rows[lo : lo + most], torch.long, hidden.device)
-            logits = model.compute_logits(hidden.index_select(0, index))
-            scored.extend(score_tokens(logits, targets[lo : lo + most], tops[lo : lo + most]))
+            yield self._full_logits(hidden.index_select(0, index))
+
+    def _score_prompts(self, chunks: Iterator[torch.Tensor], slices: list[_PromptSlice]) -> dict[int, list[TokenLogprob]]:
+        """The prompt logprobs of `slices` (seq_id -> in position order), from the logits of their rows in chunks."""
+        targets = [token for s in slices for token in s.targets]
+        tops = [s.num_top for s in slices for _ in s.targets]
+        scored: list[TokenLogprob] = []
+        for logits in chunks:
+            at = len(scored)
+            scored.extend(score_tokens(logits, targets[at : at + logits.shape[0]], tops[at : at + logits.shape[0]]))
         out: dict[int, list[TokenLogprob]] = {}
         at = 0
         for s in slices:
@@ -345,7 +404,7 @@ class ModelRunner:
     def _padded_decode_size(self, scheduled: list[tuple[Sequence, int]], sampling: list[Sequence]) -> int | None:
         """The padded size for a pure decode step (every sequence computes exactly its newest token), or
         None: not pure decode, padding off, larger than the largest size, or a draft model to run alongside."""
-        if not self.decode_sizes or self.draft is not None or len(sampling) != len(scheduled) \
+        if not self.decode_sizes or self.draft is not None or self.tp is not None or len(sampling) != len(scheduled) \
                 or any(n != 1 for _, n in scheduled):
             return None
         return padded_size(len(scheduled), self.decode_sizes)
@@ -382,13 +441,70 @@ class ModelRunner:
             spec_tokens[seq.seq_id] = proposal.tokens
         return {seq.seq_id: proposal.probs for seq, proposal in zip(seqs, proposals)}
 
-    def _logits(self, hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor | None:
         """Logits of hidden's `rows` (None: every row)."""
         if rows is not None:
             hidden = hidden.index_select(0, rows)
-        return (self.compiled or self.model).compute_logits(hidden)
+        return self._full_logits(hidden)
+
+    def _full_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The LM head over `hidden`'s rows. With tensor parallelism every rank computes its vocabulary slice and rank
+        0 gathers them (the other ranks get None): every rank must make the same calls, in the same order."""
+        logits = (self.compiled or self.model).compute_logits(hidden)
+        return logits if self.tp is None else self.tp.gather_logits(logits)
 
     def _layout(self, batch: StepBatch) -> BatchLayout:
         return BatchLayout(batch.query_lens, batch.context_lens, batch.block_tables, batch.slot_mapping,
                            self.block_size, seq_lens=batch.seq_lens, query_start=batch.query_start)
+
+    # ---- tensor parallelism -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """A worker rank's loop: do what rank 0's messages say (engine/parallel.py), until it says stop."""
+        while True:
+            kind, fields = self.tp.receive()
+            if kind == parallel.SHUTDOWN:
+                return
+            if kind == parallel.ALLOCATE:
+                self.allocate_kv_cache(int(fields[0][0]), int(fields[0][1]))
+            elif kind == parallel.PROFILE:
+                self.tp.min(self._profile_free_cuda_memory())
+            elif kind == parallel.STEP:
+                batch = self.inputs.from_message(fields[:10])
+                hidden = self._eager_forward(batch)
+                for _ in self._scoring_logits(hidden, fields[10].tolist(), int(fields[11][0])):
+                    pass
+                if fields[12][0]:
+                    self._logits(hidden, batch.logits_rows)
+            else:
+                raise RuntimeError(f"unknown tensor-parallel message kind {kind}")
+
+    def check_workers(self) -> None:
+        """Raise if a tensor-parallel worker process has exited (between steps; a step would fail on it anyway)."""
+        if self.tp is not None:
+            self.tp.check_workers()
+
+    def shutdown(self, kill: bool = False) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do on one). kill: at once, from any thread (a rank may be
+        hung, and this thread blocked with it)."""
+        if self.tp is None:
+            return
+        if kill:
+            self.tp.kill_workers()
+        else:
+            self.tp.shutdown()
+
+
+def worker_main(config: EngineConfig, rank: int, local_rank: int, port: int | None) -> None:
+    """A tensor-parallel worker process (engine/parallel.py): join the group, load this rank's shard, follow rank 0."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [tp rank {rank}] %(name)s: %(message)s")
+    config, group = parallel.join(config, rank, local_rank, port)
+    try:
+        ModelRunner(config, group).follow()
+    except RuntimeError as exc:  # the group broke: rank 0 (or a peer) went away; there is nothing left to serve
+        logger.error("tensor-parallel rank %d stops: %s", rank, str(exc).splitlines()[0] if str(exc) else exc)
+        sys.exit(1)
+    finally:
+        group.shutdown()
 

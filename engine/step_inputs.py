@@ -114,9 +114,14 @@ class StepInputs:
         context_lens = [s + n for s, n in zip(starts, q_lens)] + [1] * (num_rows - num_seqs)
         tables = self._fill_sequence_rows(scheduled, query_lens, context_lens)
         self._fill_token_rows(scheduled, starts, num_tokens, tables, spec_tokens or {})
-        every_row = len(logits_rows) == num_tokens
-        if not every_row:
-            self.logits_rows.np[: len(logits_rows)] = logits_rows
+        num_logits = None if len(logits_rows) == num_tokens else len(logits_rows)
+        if num_logits is not None:
+            self.logits_rows.np[:num_logits] = logits_rows
+        return self._upload(num_seqs, query_lens, context_lens, num_tokens, tables.shape[1], num_logits)
+
+    def _upload(self, num_seqs: int, query_lens: list[int], context_lens: list[int], num_tokens: int, width: int,
+                num_logits: int | None) -> StepBatch:
+        num_rows = len(query_lens)
         batch = StepBatch(
             num_seqs=num_seqs,
             num_rows=num_rows,
@@ -125,14 +130,36 @@ class StepInputs:
             input_ids=self.input_ids.upload(num_tokens),
             positions=self.positions.upload(num_tokens),
             slot_mapping=self.slot_mapping.upload(num_tokens),
-            block_tables=self.block_tables.upload(*tables.shape),
+            block_tables=self.block_tables.upload(num_rows, width),
             seq_lens=self.seq_lens.upload(num_rows),
             query_start=self.query_start.upload(num_rows + 1),
-            logits_rows=None if every_row else self.logits_rows.upload(len(logits_rows)),
+            logits_rows=None if num_logits is None else self.logits_rows.upload(num_logits),
         )
         if self._uploaded is not None:
             self._uploaded.record()
         return batch
+
+    def message(self, batch: StepBatch) -> list:
+        """The batch `prepare` just filled, as integer arrays from the host buffers: what the other tensor-parallel
+        ranks need to run the same forward (engine/parallel.py). `from_message` rebuilds it on their side."""
+        rows, tokens, width = batch.num_rows, batch.input_ids.shape[0], batch.block_tables.shape[1]
+        logits = -1 if batch.logits_rows is None else batch.logits_rows.shape[0]
+        return [[batch.num_seqs, tokens, width, logits], batch.query_lens, batch.context_lens,
+                self.input_ids.np[:tokens], self.positions.np[:tokens], self.slot_mapping.np[:tokens],
+                self.block_tables.np[: rows * width], self.seq_lens.np[:rows], self.query_start.np[: rows + 1],
+                self.logits_rows.np[: max(logits, 0)]]
+
+    def from_message(self, fields: list[np.ndarray]) -> StepBatch:
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+        (num_seqs, tokens, width, logits), query_lens, context_lens = (int(x) for x in fields[0]), *fields[1:3]
+        rows = len(query_lens)
+        for buffer, values in zip((self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.query_start,
+                                   self.logits_rows), fields[3:6] + fields[7:10]):
+            buffer.np[: len(values)] = values
+        self.block_tables.np[: rows * width] = fields[6]
+        return self._upload(num_seqs, query_lens.tolist(), context_lens.tolist(), tokens, width,
+                            None if logits < 0 else logits)
 
     def _fill_sequence_rows(self, scheduled: list[tuple[Sequence, int]], query_lens: list[int],
                             context_lens: list[int]) -> np.ndarray:

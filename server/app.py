@@ -60,6 +60,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         "version": __version__, "dtype": str(info.dtype).removeprefix("torch."), "device": str(info.device),
         "block_size": str(info.block_size), "num_kv_blocks": str(info.num_kv_blocks),
         "max_model_len": str(info.max_model_len), "architecture": info.architecture,
+        "tensor_parallel_size": str(info.tensor_parallel_size), "parallel_layout": info.parallel_layout,
     })
     ctx = ServingContext(engine, config, state, metrics)
     app = FastAPI(title="attnserve", version=__version__,

@@ -93,9 +93,10 @@ UNSUPPORTED_VLLM_FLAGS: tuple[tuple[tuple[str, ...], bool, tuple[str, ...], str]
     (("--trust-remote-code",), False, (),
      "attnserve never runs code from a model repository; its architectures (Llama, Mistral, Qwen2, Qwen3, GPT-2) "
      "are built in, so drop the flag"),
-    (("--tensor-parallel-size", "-tp"), True, ("1",), "one process serves on one device (1 is accepted)"),
-    (("--pipeline-parallel-size", "-pp"), True, ("1",), "one process serves on one device (1 is accepted)"),
-    (("--data-parallel-size", "-dp"), True, ("1",), "one process serves on one device (1 is accepted)"),
+    (("--pipeline-parallel-size", "-pp"), True, ("1",),
+     "the model is split by --tensor-parallel-size only, not into pipeline stages (1 is accepted)"),
+    (("--data-parallel-size", "-dp"), True, ("1",),
+     "one engine per server; run several servers behind a load balancer for replicas (1 is accepted)"),
     (("--quantization", "-q"), True, (), "weights run in --dtype (float32, float16 or bfloat16)"),
     (("--kv-cache-dtype",), True, ("auto",), "the KV cache is kept in the model's --dtype ('auto' is accepted)"),
     (("--enable-lora", "--lora-modules"), None, (), "LoRA adapters are not supported"),
@@ -150,6 +151,26 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                        help="report the engine dead (/health 503, requests end with an error) when one engine step "
                             "takes longer than this, as on a hung device; 0 turns the watchdog off (default: 120 on "
                             "CUDA; off on CPU, where a long prefill of a large model can legitimately take minutes)")
+
+    par = p.add_argument_group("tensor parallelism (docs/architecture.md)")
+    par.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="N",
+                     help="split the model across N ranks, one process each (one GPU each on CUDA; on CPU, each "
+                          "takes an equal share of the cores): attention heads, MLP and vocabulary are sharded, and "
+                          "rank 0 (this process) schedules and samples (default: 1)")
+    par.add_argument("--distributed-executor-backend", choices=["mp", "external_launcher"], default="mp",
+                     help="mp: this process starts its node's other ranks; external_launcher: torchrun started "
+                          "every rank (RANK, WORLD_SIZE, MASTER_ADDR/PORT), rank 0 serves (default: mp)")
+    par.add_argument("--nnodes", type=positive_int, default=1,
+                     help="nodes the ranks span (mp); each runs tensor-parallel-size / nnodes of them (default: 1)")
+    par.add_argument("--node-rank", type=int, default=0,
+                     help="this node's index; node 0 serves HTTP, the others run --headless (default: 0)")
+    par.add_argument("--master-addr", default="127.0.0.1",
+                     help="node 0's address, where rank 0 waits for the other ranks (default: 127.0.0.1)")
+    par.add_argument("--master-port", type=positive_int, default=None,
+                     help="the port rank 0 listens on for the other ranks; needed with --nnodes > 1 (default: a free "
+                          "port, one node only)")
+    par.add_argument("--headless", action="store_true",
+                     help="run this node's ranks without an HTTP server (node-rank > 0 implies it)")
 
     tools = p.add_argument_group("tool calling")
     tools.add_argument("--enable-auto-tool-choice", action="store_true",

@@ -25,6 +25,7 @@ from engine.async_engine import AsyncEngine
 from engine.engine_args import EngineArgs
 from engine.errors import AttnServeError
 from engine.engine_info import EngineInfo
+from engine.tp_worker import run_worker_node
 from server import accept_errors
 from server.app import build_app
 from server.config import DEFAULT_MODEL_NAME, ServerConfig
@@ -90,7 +91,9 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=args.enable_chunked_prefill,
         enable_prefix_caching=args.enable_prefix_caching, scheduling_policy=args.scheduling_policy,
-        speculative_config=args.speculative_config,
+        speculative_config=args.speculative_config, tensor_parallel_size=args.tensor_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend, nnodes=args.nnodes, node_rank=args.node_rank,
+        master_addr=args.master_addr, master_port=args.master_port,
         attention_backend=args.attention_backend, load_format=args.load_format, enforce_eager=args.enforce_eager,
         **extra,
     )
@@ -99,6 +102,8 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
 def serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     logging.getLogger("uvicorn.access").disabled = args.disable_access_log
+    if _is_worker_node(args):
+        return _serve_headless(args)
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as exc:
@@ -106,8 +111,9 @@ def serve(args: argparse.Namespace) -> int:
     try:
         engine_config = engine_args_from(args).create_config()
         watchdog = args.engine_watchdog_timeout
-        if watchdog is None:
-            watchdog = DEFAULT_CUDA_WATCHDOG_S if engine_config.device.type == "cuda" else 0.0
+        if watchdog is None:  # a hung device, or a hung tensor-parallel rank, must not hold requests forever
+            hangs = engine_config.device.type == "cuda" or engine_config.parallel.tensor_parallel_size > 1
+            watchdog = DEFAULT_CUDA_WATCHDOG_S if hangs else 0.0
         async_engine = AsyncEngine.from_config(engine_config, watchdog_timeout_s=watchdog or None)
     except AttnServeError as exc:
         return _fail(str(exc))
@@ -141,6 +147,26 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_worker_node(args: argparse.Namespace) -> bool:
+    """Does this process run tensor-parallel ranks only, without HTTP: a --headless node (any node but 0), or a rank
+    other than 0 under torchrun?"""
+    if args.distributed_executor_backend == "external_launcher":
+        return os.environ.get("RANK", "0") != "0"
+    return args.headless or args.node_rank > 0
+
+
+def _serve_headless(args: argparse.Namespace) -> int:
+    if args.distributed_executor_backend == "mp" and args.node_rank == 0:
+        return _fail("--headless runs the ranks of a node other than node 0 (--node-rank >= 1); node 0 serves HTTP")
+    try:
+        config = engine_args_from(args).create_config()
+    except AttnServeError as exc:
+        return _fail(str(exc))
+    status = run_worker_node(config)
+    logger.info("tensor-parallel ranks of this node stopped (status %d)", status)
+    return status
+
+
 def uvicorn_config(app, config: ServerConfig, *, timeout_keep_alive: float = 5.0,
                    access_log: bool = True) -> uvicorn.Config:
     """The uvicorn settings every server of ours runs with (tests included, so they see the same limits)."""
@@ -159,6 +185,8 @@ def _log_loaded(info: EngineInfo, builtin: bool) -> None:
                 "max_num_batched_tokens %d, prefix caching %s", blocks, block_size, blocks * block_size,
                 info.max_model_len, info.max_num_seqs, info.max_num_batched_tokens,
                 "on" if info.enable_prefix_caching else "off")
+    if info.tensor_parallel_size > 1:
+        logger.info("%s; KV blocks are per rank, each holding its share of the KV heads", info.parallel_layout)
     if builtin:
         logger.info("serving the built-in demo model: a small Python code-completion model trained on the standard "
                     "library (models/demo/README.md); it completes code, it does not chat. Pass --model DIR to "

@@ -56,7 +56,7 @@ def test_num_gpu_blocks_override_is_vllms_name_for_num_kv_blocks():
     assert parse_serve_args(["--num-kv-blocks", "64"]).num_kv_blocks == 64
 
 
-@pytest.mark.parametrize("argv", [["--trust-remote-code"], ["-tp", "2"], ["--tensor-parallel-size=4"],
+@pytest.mark.parametrize("argv", [["--trust-remote-code"], ["-pp", "2"], ["--data-parallel-size=4"],
                                   ["--quantization", "awq"], ["--enable-lora"], ["--kv-cache-dtype", "fp8"]])
 def test_unsupported_vllm_flag_is_one_line_naming_it(argv, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.config import RopeConfig
@@ -30,11 +31,80 @@ class ForwardContext:
 
 @dataclass(frozen=True)
 class WeightTarget:
-    """Where a checkpoint tensor goes: a parameter, optionally a row slice of a fused one, optionally transposed."""
+    """Where a checkpoint tensor goes: a parameter, optionally a row slice of a fused one, optionally transposed, and
+    under tensor parallelism only this rank's part of it."""
 
     param: str
     row_offset: int | None = None  # set for pieces of fused parameters (qkv, gate_up)
     transpose: bool = False  # GPT-2 Conv1D stores [in, out]
+    # The part this rank holds, in the parameter's orientation: along split_dim (0: output rows, column-parallel;
+    # 1: input columns, row-parallel) the concatenation of segments, (start, length) pairs. None: all of it.
+    segments: tuple[tuple[int, int], ...] | None = None
+    split_dim: int = 0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which tensor-parallel rank of how many a model instance is (engine/parallel.py). size 1: the whole model,
+    and no layer communicates."""
+
+    rank: int = 0
+    size: int = 1
+    group_key: int = -1  # the process group's key for the attnserve::all_reduce op (engine/parallel.py)
+
+    def part(self, total: int, what: str) -> tuple[int, int]:
+        """(start, length) of this rank's equal share of `total` items; the caller has checked divisibility."""
+        length = total // self.size
+        assert length * self.size == total, f"{what}: {total} is not divisible by {self.size}"
+        return self.rank * length, length
+
+    def kv_heads(self, num_kv_heads: int) -> tuple[int, int]:
+        """(first, count) of the KV heads this rank holds: a share, or one replicated head when there are fewer KV
+        heads than ranks (each serving the query heads of its rank)."""
+        if num_kv_heads >= self.size:
+            return self.part(num_kv_heads, "KV heads")
+        return self.rank * num_kv_heads // self.size, 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        return torch.ops.attnserve.all_reduce(x, self.group_key)
+
+
+WHOLE = Shard()  # the whole model in one process
+
+
+class RowParallelLinear(nn.Linear):
+    """A linear layer whose input features are split across ranks: partial products, one all-reduce, then the bias
+    (added once). On one rank it is nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, shard: Shard):
+        super().__init__(in_features // shard.size, out_features, bias=bias)
+        self.shard = shard
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shard.size == 1:
+            return super().forward(x)
+        y = self.shard.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """An embedding table split by rows (token ids) across ranks: each looks up the ids in its range, zeros the
+    others, and an all-reduce sums the pieces. On one rank it is nn.Embedding."""
+
+    def __init__(self, vocab_size: int, dim: int, shard: Shard):
+        self.vocab_start, local = shard.part(vocab_size, "vocabulary")
+        super().__init__(local, dim)
+        self.shard = shard
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.shard.size == 1:
+            return super().forward(ids)
+        local = ids - self.vocab_start
+        inside = (local >= 0) & (local < self.num_embeddings)
+        rows = F.embedding(local.clamp(0, self.num_embeddings - 1), self.weight)
+        return self.shard.all_reduce(rows * inside.unsqueeze(-1).to(rows.dtype))
 
 
 class RMSNorm(nn.Module):

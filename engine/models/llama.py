@@ -3,6 +3,10 @@
 Differences handled here: q/k/v bias (Qwen2, or Llama's attention_bias), per-head q/k RMSNorm before
 RoPE (Qwen3), per-layer sliding windows (Mistral, Qwen layer_types), tied or untied embeddings, GQA/MQA.
 Projections are fused (qkv, gate_up) so each is one matmul; the loader slices HF tensors into them.
+
+Under tensor parallelism (a Shard of size N) each rank holds 1/N of the query heads, its share of the KV heads (or
+one replicated head), 1/N of the MLP's intermediate features and of the vocabulary: qkv and gate_up are
+column-parallel, o and down row-parallel (one all-reduce each), the embedding and LM head vocab-parallel.
 """
 
 from __future__ import annotations
@@ -14,18 +18,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.models.common import ForwardContext, RMSNorm, RotaryEmbedding, WeightTarget, apply_rotary
+from engine.models.common import (WHOLE, ForwardContext, RMSNorm, RotaryEmbedding, RowParallelLinear, Shard,
+                                  VocabParallelEmbedding, WeightTarget, apply_rotary)
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, shard: Shard):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.num_heads = cfg.num_heads // shard.size
+        self.num_kv_heads, self.head_dim = shard.kv_heads(cfg.num_kv_heads)[1], cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.o_proj_bias, shard)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.sliding_window = cfg.sliding_windows[layer_idx]
@@ -44,11 +50,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.intermediate_size = cfg.intermediate_size // shard.size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -56,12 +62,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, shard: Shard):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = LlamaAttention(cfg, layer_idx)
+        self.self_attn = LlamaAttention(cfg, layer_idx, shard)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = LlamaMLP(cfg, shard)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
@@ -69,10 +75,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaBackbone(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, shard)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, shard) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
 
@@ -80,11 +86,11 @@ _LAYER_WEIGHT = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj\.
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard = WHOLE):
         super().__init__()
-        self.config = cfg
-        self.model = LlamaBackbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.config, self.shard = cfg, shard
+        self.model = LlamaBackbone(cfg, shard)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size // shard.size, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope)
         self.tie_weights()
 
@@ -100,29 +106,39 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of this rank's share of the vocabulary (all of it on one rank)."""
         return self.lm_head(hidden).float()
 
     def map_weight(self, name: str) -> WeightTarget | None:
-        """HF checkpoint name -> our parameter. None: a tensor we do not need."""
-        cfg = self.config
-        if name == "lm_head.weight":
-            return None if cfg.tie_word_embeddings else WeightTarget(name)
+        """HF checkpoint name -> our parameter (and this rank's part of the tensor). None: a tensor we do not need."""
+        cfg, shard = self.config, self.shard
+        split = shard.size > 1
+        if name == "lm_head.weight" or name == "model.embed_tokens.weight":
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                return None
+            return WeightTarget(name, segments=(shard.part(cfg.vocab_size, "vocabulary"),) if split else None)
         if name.endswith("rotary_emb.inv_freq"):
             return None  # old checkpoints saved this buffer; we recompute it
         m = _LAYER_WEIGHT.match(name)
         if m is None:
-            return WeightTarget(name)
+            return WeightTarget(name)  # norms: every rank holds them whole
         layer, block, proj, kind = m.groups()
         prefix = f"model.layers.{layer}.{block}."
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        fused = {
-            "q": ("qkv_proj", 0),
-            "k": ("qkv_proj", q_size),
-            "v": ("qkv_proj", q_size + kv_size),
-            "gate": ("gate_up_proj", 0),
-            "up": ("gate_up_proj", cfg.intermediate_size),
+        hd = cfg.head_dim
+        q_start, q_len = (h * hd for h in shard.part(cfg.num_heads, "attention heads"))
+        kv_start, kv_len = (h * hd for h in shard.kv_heads(cfg.num_kv_heads))
+        i_start, i_len = shard.part(cfg.intermediate_size, "intermediate size")
+        fused = {  # piece -> (fused parameter, row offset in this rank's parameter, this rank's rows of the piece)
+            "q": ("qkv_proj", 0, (q_start, q_len)),
+            "k": ("qkv_proj", q_len, (kv_start, kv_len)),
+            "v": ("qkv_proj", q_len + kv_len, (kv_start, kv_len)),
+            "gate": ("gate_up_proj", 0, (i_start, i_len)),
+            "up": ("gate_up_proj", i_len, (i_start, i_len)),
         }
         if proj in fused:
-            param, offset = fused[proj]
-            return WeightTarget(f"{prefix}{param}.{kind}", row_offset=offset)
+            param, offset, rows = fused[proj]
+            return WeightTarget(f"{prefix}{param}.{kind}", row_offset=offset, segments=(rows,) if split else None)
+        if split and kind == "weight":  # o and down: row-parallel, this rank's input columns; their bias is whole
+            cols = (q_start, q_len) if proj == "o" else (i_start, i_len)
+            return WeightTarget(name, segments=(cols,), split_dim=1)
         return WeightTarget(name)

@@ -18,7 +18,7 @@ from torch import nn
 
 from engine.config import ModelConfig, read_json
 from engine.errors import ModelLoadError
-from engine.models.common import WeightTarget
+from engine.models.common import WHOLE, Shard, WeightTarget
 from engine.models.dummy import init_dummy_weights, warn_random_weights
 from engine.models.gpt2 import GPT2LMHeadModel
 from engine.models.llama import LlamaForCausalLM
@@ -48,27 +48,31 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def build_meta_model(cfg: ModelConfig) -> nn.Module:
-    """The model with every parameter on the meta device: shapes only, no memory, no init."""
+def build_meta_model(cfg: ModelConfig, shard: Shard = WHOLE) -> nn.Module:
+    """The model (this rank's shard of it) with every parameter on the meta device: shapes only, no memory, no init."""
     with torch.device("meta"):
-        return (GPT2LMHeadModel if cfg.is_gpt2 else LlamaForCausalLM)(cfg)
+        return (GPT2LMHeadModel if cfg.is_gpt2 else LlamaForCausalLM)(cfg, shard)
 
 
 def load_model(
-    cfg: ModelConfig, device: torch.device, dtype: torch.dtype, load_format: str = "auto", seed: int = 0
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype, load_format: str = "auto", seed: int = 0,
+    shard: Shard = WHOLE,
 ) -> nn.Module:
     """load_format "auto"/"safetensors": the checkpoint's weights; "dummy": random weights from `seed`,
-    made from config.json alone (no weight file is looked at)."""
-    model = build_meta_model(cfg)
+    made from config.json alone (no weight file is looked at). A tensor-parallel shard reads only its part of each
+    tensor from the files (engine/models/safetensors_io.py read_part)."""
+    model = build_meta_model(cfg, shard)
     if load_format == "dummy":
-        warn_random_weights(cfg, seed)
-        init_dummy_weights(model, device, dtype, seed)
+        if shard.rank == 0:
+            warn_random_weights(cfg, seed)
+        init_dummy_weights(model, device, dtype, seed + shard.rank)
         return model.eval()
     if load_format not in ("auto", "safetensors"):
         raise ValueError(f"load_format must be one of auto, safetensors, dummy; got {load_format!r}")
     params = dict(model.named_parameters())  # tied parameters appear once
     rows_loaded = {name: 0 for name in params}
     unexpected: list[str] = []
+    bytes_read = 0
     for file in checkpoint_files(cfg.path):
         with SafetensorsFile(file) as f:
             for name in f.keys():
@@ -79,7 +83,11 @@ def load_model(
                     unexpected.append(name)
                     continue
                 rows_loaded[target.param] += _place(model, params, target, f, name, device, dtype)
+            bytes_read += f.bytes_read
     _check_complete(model, params, rows_loaded)
+    if shard.size > 1:
+        logger.info("tensor-parallel rank %d of %d read %.1f MiB of checkpoint tensors", shard.rank, shard.size,
+                    bytes_read / 2**20)
     if unexpected:
         logger.warning("ignored %d unexpected checkpoint tensors, e.g. %s", len(unexpected), unexpected[:5])
     model.tie_weights()
@@ -88,13 +96,19 @@ def load_model(
 
 def _place(model, params, target: WeightTarget, f: SafetensorsFile, name: str, device, dtype) -> int:
     """Read one checkpoint tensor into the model; returns how many parameter rows it filled."""
-    shape = f.shape(name)[::-1] if target.transpose else f.shape(name)
+    shape = list(f.shape(name)[::-1] if target.transpose else f.shape(name))
+    if target.segments is not None:
+        shape[target.split_dim] = sum(length for _, length in target.segments)
     param = params[target.param]
-    # Same dtype on CPU and no transpose: the file's bytes are read straight into the parameter.
-    direct = f.dtype(name) == dtype and device.type == "cpu" and not target.transpose
+    # Same dtype on CPU, no transpose and the whole tensor: the file's bytes are read straight into the parameter.
+    direct = f.dtype(name) == dtype and device.type == "cpu" and not target.transpose and target.segments is None
 
     def loaded() -> torch.Tensor:
-        data = f.read(name)
+        if target.segments is None:
+            data = f.read(name)
+        else:  # this rank's part only; a transposed (Conv1D) tensor is split along the file's other dimension
+            dim = 1 - target.split_dim if target.transpose else target.split_dim
+            data = f.read_part(name, dim, target.segments)
         return data.t() if target.transpose else data
 
     if target.row_offset is None:

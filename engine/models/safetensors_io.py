@@ -38,6 +38,7 @@ class SafetensorsFile:
             self._file = open(path, "rb")  # noqa: SIM115 - closed by close() / the context manager
         except OSError as exc:
             raise ModelLoadError(f"cannot open {path}: {exc}") from exc
+        self.bytes_read = 0  # tensor bytes read so far (the header aside)
         try:
             self._entries, self._data_start = self._read_header()
         except Exception:
@@ -101,13 +102,45 @@ class SafetensorsFile:
         dtype, shape, offset, nbytes = self._entries[name]
         if out.dtype != dtype or out.numel() != math.prod(shape) or not out.is_contiguous() or out.device.type != "cpu":
             raise ValueError(f"{name}: destination does not match {dtype} {shape}")
+        self._read_at(name, offset, out)
+
+    def _read_at(self, name: str, offset: int, out: torch.Tensor) -> None:
+        """Fill the contiguous `out` with the file's bytes from `offset`."""
+        nbytes = out.numel() * out.element_size()
         if nbytes == 0:
             return
         buffer = memoryview(out.detach().reshape(-1).view(torch.uint8).numpy())
         self._file.seek(offset)
         got = self._file.readinto(buffer)
+        self.bytes_read += got or 0
         if got != nbytes:
             raise self._corrupt(f"{name!r} is truncated ({got} of {nbytes} bytes)")
+
+    def read_part(self, name: str, dim: int, segments: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        """The concatenation along `dim` (0, or 1 of a 2-D tensor) of the tensor's `segments`, (start, length) pairs,
+        reading only their bytes: a tensor-parallel rank's part (engine/models/common.py WeightTarget)."""
+        dtype, shape, offset, _ = self._entries[name]
+        if dim >= len(shape) or (dim == 1 and len(shape) != 2) or any(
+                start < 0 or length < 0 or start + length > shape[dim] for start, length in segments):
+            raise ModelLoadError(f"{name}: shape {shape} has no part {segments} along dimension {dim}")
+        item = torch.empty((), dtype=dtype).element_size()
+        total = sum(length for _, length in segments)
+        if dim == 0:  # whole rows: one contiguous read per segment
+            row_bytes = math.prod(shape[1:]) * item
+            out = torch.empty((total, *shape[1:]), dtype=dtype)
+            at = 0
+            for start, length in segments:
+                self._read_at(name, offset + start * row_bytes, out[at : at + length])
+                at += length
+            return out
+        rows, cols = shape  # columns: one read per row and segment
+        out = torch.empty((rows, total), dtype=dtype)
+        for row in range(rows):
+            at = 0
+            for start, length in segments:
+                self._read_at(name, offset + (row * cols + start) * item, out[row, at : at + length])
+                at += length
+        return out
 
     def read(self, name: str) -> torch.Tensor:
         dtype, shape, _, _ = self._entries[name]

@@ -1,0 +1,387 @@
+"""Tensor parallelism over torch.distributed: starting the ranks, the messages and collectives between them, and the
+checks of a layout against a model and a machine.
+
+Process layout. Rank 0 is the engine's own process: the scheduler runs there once, and only rank 0 samples (from
+the logits it gathers). Ranks 1..N-1 are worker processes (engine/model_runner.py `worker_main`), started by rank 0 on
+its node ("mp"), by `attnserve serve --headless` on the other nodes, or all by torchrun ("external_launcher"). Each
+holds 1/N of the weights and of the KV cache (engine/models/common.py Shard) and runs the same forward over the same
+block tables. Every step, rank 0 broadcasts one message of int64 arrays (the step's token ids, positions, slots,
+block tables, and the rows that need logits); each row-parallel layer all-reduces, and rank 0 gathers the
+vocab-parallel logits. The other ranks never decide anything, so they cannot disagree with rank 0.
+
+Backends: gloo on CPU; on CUDA one group that carries CUDA tensors over NCCL and the CPU messages over gloo.
+
+Failures: a worker that exits is seen by rank 0 at its next collective (the peer's sockets close) and, while idle,
+by `check_workers` (the engine loop calls it every turn); either way the engine dies with the reason. A worker that
+hangs is the engine watchdog's to catch (on by default with tensor parallelism). Workers die with rank 0's process
+(PR_SET_PDEATHSIG on Linux) or at their next collective, so none is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import itertools
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from engine.config import EngineConfig, ModelConfig, ParallelConfig
+from engine.errors import ValidationError
+from engine.models.common import Shard
+
+logger = logging.getLogger(__name__)
+
+# Start-up: how long the ranks may take to join and to load (and compile) their shards, and the bound on any one
+# collective after it. A hang at run time is the engine watchdog's to catch well before this.
+STARTUP_TIMEOUT_S = 600.0
+_HEAD = 2048  # int64 entries in a message's first broadcast; a longer message takes a second one
+_STATUS = 1024  # bytes of a rank's start-up status (its error, if any)
+
+# Message kinds, rank 0 -> the others.
+STEP, ALLOCATE, PROFILE, SHUTDOWN = 1, 2, 3, 4
+
+_GROUPS: dict[int, TensorParallelGroup] = {}
+_KEYS = itertools.count()
+
+
+@torch.library.custom_op("attnserve::all_reduce", mutates_args=())
+def _all_reduce(x: torch.Tensor, group_key: int) -> torch.Tensor:
+    # An opaque op, so that torch.compile keeps the collective out of the graph it fuses (engine/compilation.py).
+    out = x.clone()
+    if not _GROUPS[group_key].quiet:
+        dist.all_reduce(out)
+    return out
+
+
+@_all_reduce.register_fake
+def _(x, group_key):
+    return torch.empty_like(x)
+
+
+class TensorParallelGroup:
+    """This process's rank in the (default) torch.distributed group, and the local worker processes it started."""
+
+    def __init__(self, rank: int, size: int, workers: list[subprocess.Popen]):
+        self.rank, self.size = rank, size
+        self.key = next(_KEYS)
+        self.workers = workers  # rank 0 on an mp node: the processes of its node's other ranks
+        # Set while a rank compiles or warms up on its own: the all-reduces return their input (shapes only).
+        self.quiet = False
+        self.closed = self.killed = False
+        _GROUPS[self.key] = self
+
+    @property
+    def shard(self) -> Shard:
+        return Shard(self.rank, self.size, self.key)
+
+    @contextlib.contextmanager
+    def alone(self):
+        """Run code on this rank only (compilation warm-ups): the model's all-reduces do not communicate."""
+        self.quiet = True
+        try:
+            yield
+        finally:
+            self.quiet = False
+
+    # ---- messages (rank 0 -> all) -----------------------------------------------------------------
+
+    def send(self, kind: int, fields: list) -> None:
+        """Broadcast a message: its kind and a list of integer arrays (or ints), as one int64 array."""
+        arrays = [np.asarray(f, dtype=np.int64).reshape(-1) for f in fields]
+        flat = np.concatenate([np.array([0, kind, len(arrays)] + [a.size for a in arrays], dtype=np.int64), *arrays])
+        flat[0] = flat.size
+        head = torch.zeros(_HEAD, dtype=torch.long)
+        head[: min(flat.size, _HEAD)] = torch.from_numpy(flat[:_HEAD])
+        dist.broadcast(head, 0)
+        if flat.size > _HEAD:
+            dist.broadcast(torch.from_numpy(flat[_HEAD:].copy()), 0)
+
+    def receive(self) -> tuple[int, list[np.ndarray]]:
+        head = torch.empty(_HEAD, dtype=torch.long)
+        dist.broadcast(head, 0)
+        size = int(head[0])
+        flat = head.numpy()[:size]
+        if size > _HEAD:
+            rest = torch.empty(size - _HEAD, dtype=torch.long)
+            dist.broadcast(rest, 0)
+            flat = np.concatenate([head.numpy(), rest.numpy()])
+        kind, count = int(flat[1]), int(flat[2])
+        sizes = flat[3 : 3 + count]
+        fields, at = [], 3 + count
+        for n in sizes:
+            fields.append(flat[at : at + n])
+            at += n
+        return kind, fields
+
+    # ---- collectives -------------------------------------------------------------------------------
+
+    def gather_logits(self, local: torch.Tensor) -> torch.Tensor | None:
+        """Rank 0: the full [rows, vocab] logits from every rank's vocabulary slice, in rank order. Others: None."""
+        local = local.contiguous()
+        if self.rank != 0:
+            dist.gather(local, None, dst=0)
+            return None
+        parts = [torch.empty_like(local) for _ in range(self.size)]
+        dist.gather(local, parts, dst=0)
+        return torch.cat(parts, dim=-1)
+
+    def min(self, value: int) -> int:
+        """The smallest of every rank's value (the KV budget all ranks can hold)."""
+        t = torch.tensor([value], dtype=torch.long)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t)
+
+    def agree_ready(self, error: str | None) -> None:
+        """Every rank says whether it loaded; rank 0 raises the first failure. A worker that failed exits after this."""
+        status = torch.zeros(_STATUS, dtype=torch.uint8)
+        if error is not None:
+            raw = error.encode("utf-8", "replace")[: _STATUS - 1]
+            status[0] = 1
+            status[1 : 1 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        statuses = [torch.empty_like(status) for _ in range(self.size)]
+        dist.all_gather(statuses, status)
+        for rank, s in enumerate(statuses):
+            if int(s[0]) and self.rank == 0 and rank != 0:
+                text = bytes(s[1:].numpy()).rstrip(b"\0").decode("utf-8", "replace")
+                raise RuntimeError(f"tensor-parallel rank {rank} failed to start: {text}")
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+
+    def check_workers(self) -> None:
+        """Raise if a local worker process has exited (rank 0, between steps)."""
+        for rank, proc in enumerate(self.workers, start=1):
+            if proc.poll() is not None:
+                raise RuntimeError(f"tensor-parallel worker rank {rank} (pid {proc.pid}) exited with code "
+                                   f"{proc.returncode}; the engine cannot continue without it")
+
+    def kill_workers(self) -> None:
+        """Kill the local workers now (any thread): a rank may be hung, and rank 0's thread may be blocked in a
+        collective with it, which then fails and returns."""
+        self.killed = True
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.kill()
+
+    def shutdown(self) -> None:
+        """Rank 0's driving thread: ask every rank to stop, wait a little for the local ones (then kill them), and
+        leave the group. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.rank == 0 and not self.killed:
+            try:
+                self.send(SHUTDOWN, [])
+            except Exception as exc:  # noqa: BLE001 - a dead peer; the processes are killed below either way
+                logger.warning("tensor parallel: could not tell the workers to stop (%s)", exc)
+        deadline = time.monotonic() + 5.0
+        for proc in self.workers:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5.0)
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+        _GROUPS.pop(self.key, None)
+
+
+# ---- checks -----------------------------------------------------------------------------------------
+
+
+def check_layout(model: ModelConfig, parallel: ParallelConfig, device: torch.device) -> None:
+    """ValidationError unless tensor_parallel_size N can shard this model on this machine."""
+    n = parallel.tensor_parallel_size
+    if n == 1:
+        return
+    problems = _indivisible(model, n)
+    if problems:
+        fits = [k for k in range(1, max(model.num_heads, 1) + 1) if not _indivisible(model, k)]
+        raise ValidationError(f"tensor_parallel_size {n} does not divide the model's {'; '.join(problems)}; sizes "
+                              f"that would: {', '.join(map(str, fits))}", "tensor_parallel_size")
+    local = parallel.ranks_per_node
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if local > count:
+            raise ValidationError(f"tensor_parallel_size {n} needs {local} GPUs on this node, but it has {count}",
+                                  "tensor_parallel_size")
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if local > cores:
+            raise ValidationError(f"tensor_parallel_size {n} puts {local} ranks on this node, but this process may "
+                                  f"use only {cores} CPU cores; each rank needs one", "tensor_parallel_size")
+
+
+def _indivisible(model: ModelConfig, n: int) -> list[str]:
+    kv = model.num_kv_heads
+    problems = []
+    if model.num_heads % n:
+        problems.append(f"{model.num_heads} attention heads")
+    if kv % n and n % kv:  # more ranks than KV heads works when each head serves a whole number of ranks
+        problems.append(f"{kv} KV heads (N must divide them, or be a multiple of them)")
+    if model.intermediate_size % n:
+        problems.append(f"MLP intermediate size {model.intermediate_size}")
+    if model.vocab_size % n:
+        problems.append(f"vocabulary of {model.vocab_size}")
+    return problems
+
+
+def describe_layout(parallel: ParallelConfig, device: torch.device) -> str:
+    """One line on the layout, for the logs and /metrics' info."""
+    if parallel.tensor_parallel_size == 1:
+        return "one process"
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    return (f"tensor parallel size {parallel.tensor_parallel_size} over {parallel.nnodes} node(s), "
+            f"{parallel.ranks_per_node} rank(s) per node, {backend}, executor {parallel.distributed_executor_backend}")
+
+
+# ---- starting the ranks ---------------------------------------------------------------------------------
+
+
+def _backend(device: torch.device) -> str:
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _rank_config(config: EngineConfig, rank: int, local_rank: int) -> EngineConfig:
+    device = torch.device("cuda", local_rank) if config.device.type == "cuda" else config.device
+    return dataclasses.replace(config, device=device, parallel=dataclasses.replace(config.parallel, rank=rank))
+
+
+def _set_threads(parallel: ParallelConfig) -> None:
+    """Split this node's cores between its ranks (on CPU they would otherwise all spin on every core)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // parallel.ranks_per_node))
+
+
+def _spawn(config: EngineConfig, rank: int, local_rank: int, port: int) -> subprocess.Popen:
+    """A worker rank as a fresh interpreter (engine/tp_worker.py), its arguments pickled down its stdin. Not
+    multiprocessing: that would re-run the caller's main script in the child."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)  # where the engine package is, for the child's imports
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen([sys.executable, "-m", "engine.tp_worker"], stdin=subprocess.PIPE, env=env)
+    with proc.stdin:
+        pickle.dump((config, rank, local_rank, port), proc.stdin)
+    return proc
+
+
+def start(config: EngineConfig) -> tuple[EngineConfig, TensorParallelGroup]:
+    """Rank 0 (this process): start this node's other ranks ("mp"), or join torchrun's ("external_launcher"), and
+    rendezvous with every rank. Returns rank 0's config (its device) and the group."""
+    parallel = config.parallel
+    if dist.is_initialized():
+        raise RuntimeError("torch.distributed is already initialised in this process: one tensor-parallel engine per "
+                           "process (shut the other one down first)")
+    size = parallel.tensor_parallel_size
+    if parallel.distributed_executor_backend == "external_launcher":
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if rank != 0:
+            raise RuntimeError(f"the engine runs on rank 0; rank {rank} must run as a worker")
+        _set_threads(parallel)
+        dist.init_process_group(_backend(config.device), init_method="env://", rank=0, world_size=size,
+                                timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
+        return _rank_config(config, 0, local_rank), TensorParallelGroup(0, size, [])
+    port = parallel.master_port or _free_port(parallel.master_addr)
+    store = dist.TCPStore(parallel.master_addr, port, size, is_master=True,
+                          timeout=timedelta(seconds=STARTUP_TIMEOUT_S), wait_for_workers=False)
+    workers = [_spawn(config, rank, rank, port) for rank in range(1, parallel.ranks_per_node)]
+    group = TensorParallelGroup(0, size, workers)
+    try:
+        _wait_for_ranks(store, size, workers)
+        _set_threads(parallel)
+        dist.init_process_group(_backend(config.device), store=store, rank=0, world_size=size,
+                                timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
+    except BaseException:
+        group.kill_workers()
+        group.shutdown()
+        raise
+    logger.info("%s: %d local worker process(es) started (pids %s), rendezvous at %s:%d",
+                describe_layout(parallel, config.device), len(workers), [p.pid for p in workers], parallel.master_addr, port)
+    return _rank_config(config, 0, 0), group
+
+
+def _wait_for_ranks(store, size: int, workers: list[subprocess.Popen]) -> None:
+    """Wait until every rank has reached the store, failing fast if a local worker dies first."""
+    keys = [f"attnserve/joined/{rank}" for rank in range(1, size)]
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not store.check(keys):
+        for rank, proc in enumerate(workers, start=1):
+            if proc.poll() is not None:
+                raise RuntimeError(f"tensor-parallel worker rank {rank} exited with code {proc.returncode} before "
+                                   "joining (its log says why)")
+        if time.monotonic() > deadline:
+            missing = [k.rsplit("/", 1)[1] for k in keys if not store.check([k])]
+            raise RuntimeError(f"tensor-parallel ranks {', '.join(missing)} did not join within {STARTUP_TIMEOUT_S:g} "
+                               "s (are the other nodes started, with the same --master-addr/--master-port?)")
+        time.sleep(0.05)
+
+
+def join(config: EngineConfig, rank: int, local_rank: int, port: int | None) -> tuple[EngineConfig,
+                                                                                        TensorParallelGroup]:
+    """A worker rank: rendezvous with rank 0 (mp: its store at master_addr:port; external_launcher: env://)."""
+    _die_with_parent()
+    parallel = config.parallel
+    _set_threads(parallel)
+    if config.device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+    size = parallel.tensor_parallel_size
+    timeout = timedelta(seconds=STARTUP_TIMEOUT_S)
+    if parallel.distributed_executor_backend == "external_launcher":
+        dist.init_process_group(_backend(config.device), init_method="env://", rank=rank, world_size=size,
+                                timeout=timeout)
+    else:
+        store = dist.TCPStore(parallel.master_addr, port, size, is_master=False, timeout=timeout)
+        store.set(f"attnserve/joined/{rank}", "1")
+        dist.init_process_group(_backend(config.device), store=store, rank=rank, world_size=size, timeout=timeout)
+    return _rank_config(config, rank, local_rank), TensorParallelGroup(rank, size, [])
+
+
+def _die_with_parent() -> None:
+    """A worker started by rank 0 dies with it; Ctrl-C in a terminal is rank 0's to handle, not the workers'."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def node_worker_ranks(parallel: ParallelConfig) -> list[tuple[int, int]]:
+    """(rank, local rank) of the ranks a headless node (node_rank > 0) runs."""
+    per = parallel.ranks_per_node
+    return [(parallel.node_rank * per + i, i) for i in range(per)]
+
+
+def run_headless(config: EngineConfig) -> int:
+    """A node other than rank 0's (mp): run its ranks as worker processes until rank 0 stops them. Returns an exit
+    status: 0 when every worker ended cleanly."""
+    port = config.parallel.master_port
+    procs = [_spawn(config, rank, local, port) for rank, local in node_worker_ranks(config.parallel)]
+    logger.info("%s: node %d runs ranks %s (pids %s), joining %s:%d", describe_layout(config.parallel, config.device),
+                config.parallel.node_rank, [r for r, _ in node_worker_ranks(config.parallel)],
+                [p.pid for p in procs], config.parallel.master_addr, port)
+
+    def stop(signum, frame):  # SIGTERM/SIGINT: the workers go too
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return max((abs(proc.wait()) for proc in procs), default=0)

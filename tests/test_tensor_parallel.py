@@ -1,0 +1,216 @@
+"""Tensor parallelism (engine/parallel.py) on CPU: two ranks over gloo, each a process with half of the model.
+
+The reference is the same engine with one rank (whose own parity with transformers is tests/test_hf_parity.py):
+greedy tokens must be identical and logprobs within 1e-4, for the five architectures (Qwen2's single KV head is
+replicated on both ranks), through chunked prefill, prefix caching and preemption. Loading is checked in bytes: a
+rank reads only its part of each tensor. The server with --tensor-parallel-size 2 is tests/test_tensor_parallel_server.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoints import PARITY_PROMPTS
+from engine import LLM, SamplingParams
+from engine.config import ModelConfig
+from engine.errors import ValidationError
+from engine.models.common import Shard
+from engine.models.loader import load_model
+from engine.models.safetensors_io import SafetensorsFile
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+CPU = torch.device("cpu")
+
+
+def children() -> set[int]:
+    """Live child processes of this test process (Linux)."""
+    pids = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        pids.update(int(p) for p in (task / "children").read_text().split())
+    return {p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)}
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def _engine_args(**overrides) -> dict:
+    # A 24-token budget splits the longer prompts into chunks; 12 blocks of 16 tokens cannot hold every sequence at
+    # once, so some are preempted and recomputed; the prompts share prefixes, so blocks are found in the cache.
+    return dict(max_model_len=192, block_size=16, num_kv_blocks=12, max_num_batched_tokens=24, max_num_seqs=8,
+                **overrides)
+
+
+def _prompts(llm: LLM) -> list[list[int]]:
+    tok = llm.get_tokenizer()
+    prompts = [tok.encode(p) for p in PARITY_PROMPTS]
+    shared = tok.encode(PARITY_PROMPTS[0] + " " + PARITY_PROMPTS[1])
+    return prompts + [shared + tok.encode(" and then"), shared + tok.encode(" but not")]
+
+
+def _run(llm: LLM, prompts: list[list[int]]):
+    params = SamplingParams(temperature=0.0, max_tokens=20, logprobs=5, prompt_logprobs=3, ignore_eos=True)
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_two_ranks_match_one(kind, make_ckpt):
+    path = str(make_ckpt(kind))
+    one = LLM(path, **_engine_args())
+    prompts = _prompts(one)
+    expected = _run(one, prompts)
+    before = children()
+    two = LLM(path, tensor_parallel_size=2, **_engine_args())
+    try:
+        assert len(children() - before) == 1  # rank 1's process; rank 0 is this one
+        assert two.engine.info.tensor_parallel_size == 2
+        got = _run(two, prompts)
+        stats = two.engine.stats()
+    finally:
+        two.shutdown()
+    assert children() <= before  # rank 1 has exited
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0  # the paths named above did run
+    for want, out in zip(expected, got):
+        w, g = want.outputs[0], out.outputs[0]
+        assert g.token_ids == w.token_ids, f"{kind}: greedy ids diverge for a {len(want.prompt_token_ids)}-token prompt"
+        for a, b in zip(g.logprobs, w.logprobs):
+            assert abs(a.logprob - b.logprob) < 1e-4
+            assert [t for t, _ in a.top] == [t for t, _ in b.top] or _near_tie(b)
+            assert max(abs(x - y) for (_, x), (_, y) in zip(a.top, b.top)) < 1e-4 or _near_tie(b)
+        for a, b in zip(out.prompt_logprobs[1:], want.prompt_logprobs[1:]):
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+
+
+def _near_tie(lp) -> bool:
+    """Top alternatives within fp32 noise of each other may come in either order."""
+    values = [v for _, v in lp.top]
+    return any(abs(x - y) < 1e-4 for x, y in zip(values, values[1:]))
+
+
+def test_compiled_ranks_match_one(make_ckpt):
+    """Each rank compiles its shard (the all-reduces are opaque ops in the graph) and warms up alone."""
+    path = str(make_ckpt("qwen2"))
+    one = LLM(path, **_engine_args())
+    prompts = _prompts(one)[:4]
+    expected = _run(one, prompts)
+    two = LLM(path, tensor_parallel_size=2, enforce_eager=False, **_engine_args())
+    try:
+        assert two.engine.core.runner.compiled is not None
+        got = _run(two, prompts)
+    finally:
+        two.shutdown()
+    for want, out in zip(expected, got):
+        assert out.outputs[0].token_ids == want.outputs[0].token_ids
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(out.outputs[0].logprobs, want.outputs[0].logprobs)) < 1e-4
+
+
+def _checkpoint_bytes(path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with SafetensorsFile(file) as f:
+            for name in f.keys():
+                out[name] = (f.shape(name), math.prod(f.shape(name)) * torch.empty((), dtype=f.dtype(name)).element_size())
+    return out
+
+
+def _read_by_rank(monkeypatch, cfg: ModelConfig, size: int) -> list[int]:
+    """Checkpoint bytes each rank's load reads, from the reads themselves."""
+    counted: list[int] = []
+    close = SafetensorsFile.close
+
+    def counting_close(self):
+        counted.append(self.bytes_read)
+        close(self)
+
+    monkeypatch.setattr(SafetensorsFile, "close", counting_close)
+    totals = []
+    for rank in range(size):
+        counted.clear()
+        load_model(cfg, CPU, torch.float32, shard=Shard(rank, size))
+        totals.append(sum(counted))
+    return totals
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
+def test_each_rank_reads_only_its_part(kind, make_ckpt, monkeypatch):
+    """Every sharded tensor is read half by each rank, the replicated ones (norms, positions, a row-parallel layer's
+    bias, and Qwen2's one KV head, which both ranks hold) whole: the byte counts are that arithmetic exactly."""
+    path = make_ckpt(kind)
+    cfg = ModelConfig.from_dir(path)
+    tensors = _checkpoint_bytes(path)
+    whole = sum(nbytes for _, nbytes in tensors.values())
+    replicated = 0
+    for name, (shape, nbytes) in tensors.items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        kv = any(f"{p}_proj" in name for p in "kv") and cfg.num_kv_heads < 2
+        row_parallel_bias = name.endswith(("o_proj.bias", "down_proj.bias", "c_proj.bias"))
+        if len(shape) == 1 and not name.endswith(("_proj.bias", "c_attn.bias", "c_fc.bias")) or "wpe" in name \
+                or row_parallel_bias or kv or name.endswith("attn.bias") and "c_attn" not in name:
+            replicated += nbytes
+    read = _read_by_rank(monkeypatch, cfg, 2)
+    assert read[0] == read[1] == (whole - replicated) // 2 + replicated
+    assert read[0] < 0.6 * whole
+
+
+def test_layout_errors_say_what_would_work(make_ckpt, monkeypatch):
+    path = str(make_ckpt("llama"))  # 4 heads, 2 KV heads, intermediate 256, vocabulary 4096
+    with pytest.raises(ValidationError, match=r"does not divide the model's 4 attention heads.*sizes that would: "
+                                              r"1, 2\b") as e:
+        LLM(path, tensor_parallel_size=3)
+    assert e.value.param == "tensor_parallel_size"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    with pytest.raises(ValidationError, match="2 ranks on this node, but this process may use only 1 CPU cores"):
+        LLM(path, tensor_parallel_size=2)
+    monkeypatch.undo()
+    with pytest.raises(ValidationError, match="must be a multiple of nnodes"):
+        LLM(path, tensor_parallel_size=2, nnodes=3)
+    with pytest.raises(ValidationError, match="nnodes > 1 needs master_port"):
+        LLM(path, tensor_parallel_size=2, nnodes=2)
+    with pytest.raises(ValidationError, match="distributed_executor_backend must be one of mp, external_launcher"):
+        LLM(path, tensor_parallel_size=2, distributed_executor_backend="ray")
+
+
+_FAIL_RANK_1 = """
+import engine.model_runner as runner
+import engine.models.loader as loader
+from engine.errors import ModelLoadError
+
+_load = loader.load_model
+
+
+def load_model(cfg, device, dtype, load_format="auto", seed=0, shard=loader.WHOLE):
+    if shard.rank == 1:
+        raise ModelLoadError("injected: rank 1 cannot read its part")
+    return _load(cfg, device, dtype, load_format, seed, shard)
+
+
+runner.load_model = load_model
+"""
+
+
+def test_a_rank_that_fails_to_load_stops_the_start_and_leaves_no_process(make_ckpt, tmp_path, monkeypatch):
+    """Rank 1's load fails (a sitecustomize on the worker's PYTHONPATH patches its loader; this process is untouched):
+    the engine does not start, the error names the rank and the reason, no process is left, and the next
+    tensor-parallel engine of this process starts."""
+    (tmp_path / "sitecustomize.py").write_text(_FAIL_RANK_1)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
+    path = str(make_ckpt("llama"))
+    before = children()
+    with pytest.raises(RuntimeError, match="rank 1 failed to start: ModelLoadError: injected: rank 1 cannot read"):
+        LLM(path, tensor_parallel_size=2)
+    assert children() <= before
+    monkeypatch.undo()
+    llm = LLM(path, tensor_parallel_size=2)
+    try:
+        assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+    finally:
+        llm.shutdown()

@@ -1,0 +1,156 @@
+"""`python -m server --tensor-parallel-size 2` on CPU: the existing openai-client parity tests against it, a rank
+that dies or hangs mid-stream, and two "nodes" (separate processes joining over loopback) serving one model.
+
+The parity tests are tests/test_server_openai.py's own, imported here: pytest runs them against this module's
+fixtures, so the server they drive has two ranks while the offline reference has one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from checkpoints import PARITY_PROMPTS
+from clients.prometheus import parse_metrics
+from engine import LLM, SamplingParams
+from server_process import REPO, ServerProcess
+from test_server_lifecycle import (StreamReader, _assert_dead_but_serving, _assert_ends_with_error_event,
+                                   assert_openai_error, completion_body)
+from test_server_openai import (MAX_MODEL_LEN, MODEL, test_chat_greedy_equals_offline_chat,  # noqa: F401
+                                test_completion_logprobs_match_offline_engine,
+                                test_completions_greedy_equal_offline_engine,
+                                test_echo_logprobs_report_the_prompt_then_the_completion_streamed_or_not,
+                                test_prompt_logprobs_in_vllm_shape_on_completions_and_chat,
+                                test_streamed_completion_equals_offline_engine)
+
+TP = ("--tensor-parallel-size", "2")
+
+
+@pytest.fixture(scope="module")
+def llama(make_ckpt):
+    return make_ckpt("llama")
+
+
+@pytest.fixture(scope="module")
+def server(llama):
+    with ServerProcess(llama, "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN), *TP) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def offline(llama):
+    return LLM(str(llama), max_model_len=MAX_MODEL_LEN)  # one rank: the reference
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(p) for p in (task / "children").read_text().split()]
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_metrics_show_one_engine_and_its_layout(server):
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        metrics = parse_metrics(http.get("/metrics").text)
+    [info] = metrics["attnserve_engine_info"]
+    assert info.labels["tensor_parallel_size"] == "2" and "tensor parallel size 2" in info.labels["parallel_layout"]
+    assert len(metrics["attnserve_num_requests_running"]) == 1
+    assert "tensor parallel size 2 over 1 node(s), 2 rank(s) per node, gloo" in server.log()
+    [worker] = children(server.proc.pid)
+    assert alive(worker)
+
+
+def _long_stream(proc: ServerProcess) -> StreamReader:
+    reader = StreamReader(proc.url, "/v1/completions", completion_body(400, stream=True), started_after=3,
+                          deadline_s=60)
+    reader.start()
+    assert reader.started.wait(30)
+    return reader
+
+
+def test_a_rank_killed_mid_stream_kills_the_engine_not_the_server(llama):
+    with ServerProcess(llama, "--max-model-len", "512", *TP) as proc:
+        [worker] = children(proc.proc.pid)
+        reader = _long_stream(proc)
+        killed_at = time.monotonic()
+        os.kill(worker, signal.SIGKILL)
+        events = reader.finish(timeout=30)
+        assert_openai_error(_assert_ends_with_error_event(events), 503)
+        assert reader.error_arrived_at() - killed_at < 5
+        _assert_dead_but_serving(proc)
+        assert "tensor-parallel" in proc.log() or "Connection" in proc.log()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.log()[-3000:]
+    assert not alive(worker)
+
+
+def test_a_hung_rank_is_caught_by_the_watchdog_and_killed_at_shutdown(llama):
+    with ServerProcess(llama, "--max-model-len", "512", "--engine-watchdog-timeout", "3", *TP) as proc:
+        [worker] = children(proc.proc.pid)
+        reader = _long_stream(proc)
+        os.kill(worker, signal.SIGSTOP)  # alive, holding its sockets, answering nothing
+        stopped_at = time.monotonic()
+        events = reader.finish(timeout=30)
+        err = _assert_ends_with_error_event(events)
+        assert_openai_error(err, 503)
+        assert "watchdog" in err["error"]["message"]
+        assert reader.error_arrived_at() - stopped_at < 10
+        _assert_dead_but_serving(proc)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.log()[-3000:]
+    assert not alive(worker)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_serve_one_model(llama, offline, tmp_path):
+    """Node 1 runs rank 1 headless; node 0 runs rank 0 and serves. They meet at --master-addr:--master-port only."""
+    port = _free_port()
+    nodes = ("--tensor-parallel-size", "2", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
+             "--max-model-len", str(MAX_MODEL_LEN))
+    log = (tmp_path / "node1.log").open("w")
+    node1 = subprocess.Popen([sys.executable, "-m", "server", "--model", str(llama), *nodes, "--node-rank", "1"],
+                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with ServerProcess(llama, *nodes, "--node-rank", "0") as node0:
+            assert children(node0.proc.pid) == []  # rank 1 is node 1's
+            expected = offline.generate(PARITY_PROMPTS[:3], SamplingParams(temperature=0, max_tokens=16),
+                                        use_tqdm=False)
+            with openai.OpenAI(base_url=f"{node0.url}/v1", api_key="unused", max_retries=0, timeout=60) as c:
+                response = c.completions.create(model=str(llama), prompt=PARITY_PROMPTS[:3], max_tokens=16,
+                                                temperature=0)
+            assert [x.text for x in response.choices] == [e.outputs[0].text for e in expected]
+            node0.signal(signal.SIGTERM)
+            assert node0.wait(timeout=30) == 0
+        assert node1.wait(timeout=30) == 0, (tmp_path / "node1.log").read_text()[-3000:]
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+    assert "node 1 runs ranks [1]" in (tmp_path / "node1.log").read_text()
