@@ -119,7 +119,8 @@ class AttnserveRun:
         start = time.perf_counter()
         self.llm = LLM(str(model_dir), max_model_len=max_model_len, device=args.device,
                        enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens)
+                       max_num_batched_tokens=args.max_num_batched_tokens,
+                       tensor_parallel_size=args.tensor_parallel_size)
         self.ready_s = time.perf_counter() - start
         self.compiled = self.llm.engine.core.runner.compiled is not None
 
@@ -250,6 +251,7 @@ def run_offline(args: argparse.Namespace) -> int:
                 rounds.append({"attnserve": ours.run(round_prompts, out_lens, warm_up if i == 0 else None),
                                **{peer.setting: peer.run(workload) for peer in peers}})
         finally:
+            ours.llm.shutdown()  # tensor-parallel workers, if any
             for peer in peers:
                 peer.close()
 
@@ -265,7 +267,7 @@ def run_offline(args: argparse.Namespace) -> int:
         "workload": {"requests": args.num_prompts, "input_len": list(input_range),
                      "output_len": list(output_range)},
         "attnserve": {**rounds[0]["attnserve"], "tokens_per_s": mine, "ready_s": ours.ready_s,
-                      "compiled": ours.compiled},
+                      "compiled": ours.compiled, "tensor_parallel_size": args.tensor_parallel_size},
         "rounds": rounds,
         "transformers": hf,
         "ratios": {r["batch_size"]: mine / r["tokens_per_s"] for r in hf},
@@ -277,8 +279,8 @@ def run_offline(args: argparse.Namespace) -> int:
         print(f"round {i + 1}: " + ", ".join(f"{name} {v['tokens_per_s']:.1f}" for name, v in r.items()) + " tok/s")
     first = rounds[0]["attnserve"]
     print(f"attnserve:                {first['output_tokens']} tokens in {first['seconds']:6.1f} s = "
-          f"{mine:7.1f} tok/s{each}   ({'compiled' if ours.compiled else 'eager'}, ready after "
-          f"{ours.ready_s:.0f} s)")
+          f"{mine:7.1f} tok/s{each}   ({'compiled' if ours.compiled else 'eager'}, "
+          f"tensor parallel size {args.tensor_parallel_size}, ready after {ours.ready_s:.0f} s)")
     for r in hf:
         print(f"transformers (batch {r['batch_size']:3d}): {r['output_tokens']} tokens in {r['seconds']:6.1f} s = "
               f"{r['tokens_per_s']:7.1f} tok/s   ratio attnserve/transformers {report['ratios'][r['batch_size']]:.2f}x")
@@ -316,6 +318,8 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=positive_int, default=256, help="(default: 256)")
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=None)
     p.add_argument("--device", default="cpu", help="(default: cpu)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
+                   help="attnserve's model across this many ranks, one process each (default: 1)")
     p.add_argument("--enforce-eager", action="store_true", default=None,
                    help="run attnserve's model eagerly (default: compiled on CPU, unless ATTNSERVE_ENFORCE_EAGER=1)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")

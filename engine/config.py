@@ -304,7 +304,6 @@ class ParallelConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"  # where rank 0 listens for the others to join
     master_port: int | None = None  # None: a free port, chosen by rank 0 (one node only)
-    rank: int = 0  # this process's rank: 0 schedules, samples and drives the others
 
     @property
     def ranks_per_node(self) -> int:

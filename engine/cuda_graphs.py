@@ -61,6 +61,8 @@ def cuda_graphs_unavailable(config: EngineConfig, backend: AttentionBackend) -> 
         return f"the device is {config.device.type}, not CUDA"
     if config.enforce_eager:
         return "enforce_eager is set"
+    if config.parallel.tensor_parallel_size > 1:
+        return "tensor parallelism is on (a captured step would have to replay the ranks' collectives too)"
     if not hasattr(torch.cuda, "CUDAGraph"):
         return f"torch {torch.__version__} has no torch.cuda.CUDAGraph"
     return backend.cuda_graph_unsupported()

@@ -81,6 +81,7 @@ class TensorParallelGroup:
         # Set while a rank compiles or warms up on its own: the all-reduces return their input (shapes only).
         self.quiet = False
         self.closed = self.killed = False
+        self.threads = torch.get_num_threads()  # this process's setting before the ranks split the cores
         _GROUPS[self.key] = self
 
     @property
@@ -196,6 +197,7 @@ class TensorParallelGroup:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
         _GROUPS.pop(self.key, None)
+        torch.set_num_threads(self.threads)
 
 
 # ---- checks -----------------------------------------------------------------------------------------
@@ -260,9 +262,11 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _rank_config(config: EngineConfig, rank: int, local_rank: int) -> EngineConfig:
-    device = torch.device("cuda", local_rank) if config.device.type == "cuda" else config.device
-    return dataclasses.replace(config, device=device, parallel=dataclasses.replace(config.parallel, rank=rank))
+def _rank_config(config: EngineConfig, local_rank: int) -> EngineConfig:
+    """A rank's config: on CUDA its node-local device."""
+    if config.device.type != "cuda":
+        return config
+    return dataclasses.replace(config, device=torch.device("cuda", local_rank))
 
 
 def _set_threads(parallel: ParallelConfig) -> None:
@@ -295,10 +299,13 @@ def start(config: EngineConfig) -> tuple[EngineConfig, TensorParallelGroup]:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         if rank != 0:
             raise RuntimeError(f"the engine runs on rank 0; rank {rank} must run as a worker")
+        group = TensorParallelGroup(0, size, [])
         _set_threads(parallel)
+        if config.device.type == "cuda":
+            torch.cuda.set_device(local_rank)
         dist.init_process_group(_backend(config.device), init_method="env://", rank=0, world_size=size,
                                 timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
-        return _rank_config(config, 0, local_rank), TensorParallelGroup(0, size, [])
+        return _rank_config(config, local_rank), group
     port = parallel.master_port or _free_port(parallel.master_addr)
     store = dist.TCPStore(parallel.master_addr, port, size, is_master=True,
                           timeout=timedelta(seconds=STARTUP_TIMEOUT_S), wait_for_workers=False)
@@ -307,6 +314,8 @@ def start(config: EngineConfig) -> tuple[EngineConfig, TensorParallelGroup]:
     try:
         _wait_for_ranks(store, size, workers)
         _set_threads(parallel)
+        if config.device.type == "cuda":
+            torch.cuda.set_device(0)
         dist.init_process_group(_backend(config.device), store=store, rank=0, world_size=size,
                                 timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
     except BaseException:
@@ -315,7 +324,7 @@ def start(config: EngineConfig) -> tuple[EngineConfig, TensorParallelGroup]:
         raise
     logger.info("%s: %d local worker process(es) started (pids %s), rendezvous at %s:%d",
                 describe_layout(parallel, config.device), len(workers), [p.pid for p in workers], parallel.master_addr, port)
-    return _rank_config(config, 0, 0), group
+    return _rank_config(config, 0), group
 
 
 def _wait_for_ranks(store, size: int, workers: list[subprocess.Popen]) -> None:
@@ -351,7 +360,7 @@ def join(config: EngineConfig, rank: int, local_rank: int, port: int | None) -> 
         store = dist.TCPStore(parallel.master_addr, port, size, is_master=False, timeout=timeout)
         store.set(f"attnserve/joined/{rank}", "1")
         dist.init_process_group(_backend(config.device), store=store, rank=rank, world_size=size, timeout=timeout)
-    return _rank_config(config, rank, local_rank), TensorParallelGroup(rank, size, [])
+    return _rank_config(config, local_rank), TensorParallelGroup(rank, size, [])
 
 
 def _die_with_parent() -> None:

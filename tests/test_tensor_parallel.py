@@ -112,6 +112,28 @@ def test_compiled_ranks_match_one(make_ckpt):
         assert max(abs(a.logprob - b.logprob) for a, b in zip(out.outputs[0].logprobs, want.outputs[0].logprobs)) < 1e-4
 
 
+@pytest.mark.parametrize("speculative", [{"method": "ngram", "num_speculative_tokens": 3},
+                                         {"model": "<target>", "num_speculative_tokens": 2}], ids=["ngram", "draft"])
+def test_speculative_decoding_on_two_ranks_keeps_greedy_outputs(speculative, make_ckpt):
+    """Drafts are verified in the sharded forward (several sampled rows per sequence); a draft model runs whole, on
+    rank 0 only (here the target itself drafts, so most drafts are accepted)."""
+    path = str(make_ckpt("mistral"))
+    if "model" in speculative:
+        speculative = {**speculative, "model": path}
+    one = LLM(path, max_model_len=192)
+    prompts = _prompts(one)[:6]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    expected = one.generate(prompts, params, use_tqdm=False)
+    two = LLM(path, max_model_len=192, tensor_parallel_size=2, speculative_config=speculative)
+    try:
+        got = two.generate(prompts, params, use_tqdm=False)
+        stats = two.engine.stats()
+    finally:
+        two.shutdown()
+    assert stats.spec_num_accepted_tokens > 0
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+
+
 def _checkpoint_bytes(path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
     out = {}
     for file in sorted(path.glob("*.safetensors")):

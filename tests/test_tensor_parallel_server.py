@@ -154,3 +154,36 @@ def test_two_nodes_on_loopback_serve_one_model(llama, offline, tmp_path):
         if node1.poll() is None:
             node1.kill()
     assert "node 1 runs ranks [1]" in (tmp_path / "node1.log").read_text()
+
+
+def test_two_torchrun_nodes_serve_one_model(llama, offline, tmp_path):
+    """The documented torchrun launch, one rank per "node", both on loopback: rank 0 serves, rank 1 follows; stopping
+    the server stops rank 1 cleanly."""
+    port, http_port = _free_port(), _free_port()
+    procs, logs = [], []
+    for node in (0, 1):
+        logs.append(tmp_path / f"node{node}.log")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
+             str(node), "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "attnserve", "serve",
+             str(llama), "--tensor-parallel-size", "2", "--distributed-executor-backend", "external_launcher",
+             "--host", "127.0.0.1", "--port", str(http_port), "--max-model-len", str(MAX_MODEL_LEN)],
+            cwd=REPO, stdout=logs[-1].open("w"), stderr=subprocess.STDOUT))
+    try:
+        deadline = time.monotonic() + 120
+        while "listening on" not in logs[0].read_text():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+            time.sleep(0.2)
+        expected = offline.generate(PARITY_PROMPTS[3], SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
+        with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=60) as http:
+            body = http.post("/v1/completions", json={"prompt": PARITY_PROMPTS[3], "max_tokens": 16,
+                                                      "temperature": 0}).json()
+        assert body["choices"][0]["text"] == expected[0].outputs[0].text
+        procs[0].send_signal(signal.SIGTERM)  # torchrun passes it to rank 0, which drains and stops rank 1
+        assert procs[1].wait(timeout=60) == 0, logs[1].read_text()[-3000:]
+        procs[0].wait(timeout=60)
+        assert "shut down" in logs[0].read_text()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
