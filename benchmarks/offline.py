@@ -278,9 +278,10 @@ def run_offline(args: argparse.Namespace) -> int:
     for i, r in enumerate(rounds if args.rounds > 1 else []):
         print(f"round {i + 1}: " + ", ".join(f"{name} {v['tokens_per_s']:.1f}" for name, v in r.items()) + " tok/s")
     first = rounds[0]["attnserve"]
+    tp = f", {args.tensor_parallel_size} tensor-parallel ranks" if args.tensor_parallel_size > 1 else ""
     print(f"attnserve:                {first['output_tokens']} tokens in {first['seconds']:6.1f} s = "
-          f"{mine:7.1f} tok/s{each}   ({'compiled' if ours.compiled else 'eager'}, "
-          f"tensor parallel size {args.tensor_parallel_size}, ready after {ours.ready_s:.0f} s)")
+          f"{mine:7.1f} tok/s{each}   ({'compiled' if ours.compiled else 'eager'}, ready after "
+          f"{ours.ready_s:.0f} s{tp})")
     for r in hf:
         print(f"transformers (batch {r['batch_size']:3d}): {r['output_tokens']} tokens in {r['seconds']:6.1f} s = "
               f"{r['tokens_per_s']:7.1f} tok/s   ratio attnserve/transformers {report['ratios'][r['batch_size']]:.2f}x")

@@ -23,9 +23,9 @@ import contextlib
 import ctypes
 import dataclasses
 import itertools
+import json
 import logging
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine import config as config_module
 from engine.config import EngineConfig, ModelConfig, ParallelConfig
 from engine.errors import ValidationError
 from engine.models.common import Shard
@@ -276,15 +277,66 @@ def _set_threads(parallel: ParallelConfig) -> None:
 
 
 def _spawn(config: EngineConfig, rank: int, local_rank: int, port: int) -> subprocess.Popen:
-    """A worker rank as a fresh interpreter (engine/tp_worker.py), its arguments pickled down its stdin. Not
-    multiprocessing: that would re-run the caller's main script in the child."""
+    """A worker rank as a fresh interpreter (engine/tp_worker.py), its arguments written down its stdin as JSON. Not
+    multiprocessing: that would re-run the caller's main script in the child (and pickle, which nothing here uses)."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)  # where the engine package is, for the child's imports
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen([sys.executable, "-m", "engine.tp_worker"], stdin=subprocess.PIPE, env=env)
     with proc.stdin:
-        pickle.dump((config, rank, local_rank, port), proc.stdin)
+        proc.stdin.write(json.dumps({"config": encode_config(config), "rank": rank, "local_rank": local_rank,
+                                     "port": port}).encode())
     return proc
+
+
+# The config's types, for its JSON form: dataclasses of engine/config.py by name, and the few other types they hold.
+_CONFIG_CLASSES = ("EngineConfig", "ModelConfig", "RopeConfig", "CacheConfig", "SchedulerConfig", "SpeculativeConfig",
+                   "ParallelConfig")
+
+
+def encode_config(value):
+    """An EngineConfig as JSON-ready plain data, each non-JSON value tagged with its type."""
+    if dataclasses.is_dataclass(value):
+        fields = {f.name: encode_config(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"__config__": type(value).__name__, **fields}
+    if isinstance(value, Path):
+        return {"__path__": str(value)}
+    if isinstance(value, torch.device):
+        return {"__device__": str(value)}
+    if isinstance(value, torch.dtype):
+        return {"__dtype__": str(value).removeprefix("torch.")}
+    if isinstance(value, (frozenset, tuple)):
+        return {"__" + type(value).__name__ + "__": [encode_config(v) for v in value]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot send a {type(value).__name__} to a tensor-parallel worker")
+
+
+def decode_config(data):
+    if isinstance(data, list):
+        return [decode_config(v) for v in data]
+    if not isinstance(data, dict):
+        return data
+    if "__config__" in data:
+        name = data.pop("__config__")
+        if name not in _CONFIG_CLASSES:
+            raise ValueError(f"not a config class: {name!r}")
+        return getattr(config_module, name)(**{k: decode_config(v) for k, v in data.items()})
+    (tag, value), = data.items()
+    if tag == "__path__":
+        return Path(value)
+    if tag == "__device__":
+        return torch.device(value)
+    if tag == "__dtype__":
+        dtype = getattr(torch, value)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"not a dtype: {value!r}")
+        return dtype
+    if tag == "__frozenset__":
+        return frozenset(decode_config(value))
+    if tag == "__tuple__":
+        return tuple(decode_config(value))
+    raise ValueError(f"unknown tag {tag!r} in a worker's config")
 
 
 def start(config: EngineConfig) -> tuple[EngineConfig, TensorParallelGroup]:

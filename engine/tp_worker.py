@@ -1,14 +1,14 @@
 """Tensor-parallel worker ranks (engine/parallel.py): the entry point of a worker process, and what a node other than
 rank 0's runs.
 
-`python -m engine.tp_worker` is how rank 0 (or a headless node) starts one worker: its (config, rank, local rank,
-port) come pickled on stdin from the process that started it.
+`python -m engine.tp_worker` is how rank 0 (or a headless node) starts one worker: its config, rank, local rank and
+rendezvous port come as one JSON object on stdin from the process that started it.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import sys
 
 from engine import parallel
@@ -30,4 +30,5 @@ def run_worker_node(config: EngineConfig) -> int:
 
 
 if __name__ == "__main__":
-    worker_main(*pickle.load(sys.stdin.buffer))
+    args = json.loads(sys.stdin.buffer.read())
+    worker_main(parallel.decode_config(args["config"]), args["rank"], args["local_rank"], args["port"])

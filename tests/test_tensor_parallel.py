@@ -236,3 +236,19 @@ def test_a_rank_that_fails_to_load_stops_the_start_and_leaves_no_process(make_ck
         assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
     finally:
         llm.shutdown()
+
+
+def test_the_config_reaches_a_worker_whole_as_plain_json(make_ckpt):
+    """A worker gets its EngineConfig as JSON (no pickle anywhere): every field survives, and only config classes
+    decode."""
+    import json
+
+    from engine.engine_args import EngineArgs
+    from engine.parallel import decode_config, encode_config
+
+    path = str(make_ckpt("qwen3"))
+    config = EngineArgs(path, dtype="bfloat16", max_model_len=128, chat_template="{{ messages }}", tensor_parallel_size=2,
+                        speculative_config={"model": path, "num_speculative_tokens": 2}).create_config()
+    assert decode_config(json.loads(json.dumps(encode_config(config)))) == config
+    with pytest.raises(ValueError, match="not a config class"):
+        decode_config({"__config__": "Popen", "args": ["sh"]})
