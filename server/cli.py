@@ -112,6 +112,12 @@ def _add_unsupported_vllm_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(*names, action=_Unsupported, reason=reason, accept=accept, nargs=nargs)
 
 
+def _env_port(name: str) -> int | None:
+    """A port from the environment (torch.distributed's MASTER_PORT convention), or None when unset or not a port."""
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() and 0 < int(value) < 65536 else None
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_tag", nargs="?", metavar="MODEL", default=None,
                    help="the model to serve, as in `vllm serve MODEL`: the same as --model")
@@ -164,11 +170,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                      help="nodes the ranks span (mp); each runs tensor-parallel-size / nnodes of them (default: 1)")
     par.add_argument("--node-rank", type=int, default=0,
                      help="this node's index; node 0 serves HTTP, the others run --headless (default: 0)")
-    par.add_argument("--master-addr", default="127.0.0.1",
-                     help="node 0's address, where rank 0 waits for the other ranks (default: 127.0.0.1)")
-    par.add_argument("--master-port", type=positive_int, default=None,
-                     help="the port rank 0 listens on for the other ranks; needed with --nnodes > 1 (default: a free "
-                          "port, one node only)")
+    par.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                     help="node 0's address, where rank 0 waits for the other ranks (default: $MASTER_ADDR, else "
+                          "127.0.0.1)")
+    par.add_argument("--master-port", type=positive_int, default=_env_port("MASTER_PORT"),
+                     help="the port rank 0 listens on for the other ranks; needed with --nnodes > 1 (default: "
+                          "$MASTER_PORT, else a free port, one node only)")
     par.add_argument("--headless", action="store_true",
                      help="run this node's ranks without an HTTP server (node-rank > 0 implies it)")
 
