@@ -18,6 +18,7 @@ import contextlib
 import logging
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -120,6 +121,9 @@ class ModelRunner:
                 self.tp.kill_workers()
                 self.tp.shutdown()
                 raise
+            # An engine dropped without shutdown() (`del llm`) still stops its ranks and leaves the group, so that
+            # the process can start another one.
+            weakref.finalize(self, self.tp.shutdown)
 
     def _load(self, config: EngineConfig, shard: Shard) -> None:
         torch.manual_seed(config.seed)

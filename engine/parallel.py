@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import gc
 import itertools
 import json
 import logging
@@ -344,8 +345,10 @@ def start(config: EngineConfig) -> tuple[EngineConfig, TensorParallelGroup]:
     rendezvous with every rank. Returns rank 0's config (its device) and the group."""
     parallel = config.parallel
     if dist.is_initialized():
+        gc.collect()  # an engine nobody holds any more, caught in a reference cycle, stops its ranks when collected
+    if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialised in this process: one tensor-parallel engine per "
-                           "process (shut the other one down first)")
+                           "process (shut the other one down first: LLM.shutdown())")
     size = parallel.tensor_parallel_size
     if parallel.distributed_executor_backend == "external_launcher":
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))

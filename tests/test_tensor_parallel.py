@@ -252,3 +252,22 @@ def test_the_config_reaches_a_worker_whole_as_plain_json(make_ckpt):
     assert decode_config(json.loads(json.dumps(encode_config(config)))) == config
     with pytest.raises(ValueError, match="not a config class"):
         decode_config({"__config__": "Popen", "args": ["sh"]})
+
+
+def test_an_engine_dropped_without_shutdown_stops_its_ranks(make_ckpt):
+    """`del llm`, as users do: the ranks stop and the group is left, so the next tensor-parallel engine starts."""
+    import gc
+
+    path = str(make_ckpt("gpt2"))
+    before = children()
+    llm = LLM(path, tensor_parallel_size=2)
+    first = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    del llm
+    gc.collect()
+    assert children() <= before
+    again = LLM(path, tensor_parallel_size=2)
+    try:
+        second = again.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    finally:
+        again.shutdown()
+    assert second[0].outputs[0].token_ids == first[0].outputs[0].token_ids

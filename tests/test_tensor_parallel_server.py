@@ -107,6 +107,23 @@ def test_a_rank_killed_mid_stream_kills_the_engine_not_the_server(llama):
     assert not alive(worker)
 
 
+def test_a_rank_that_dies_while_idle_turns_health_to_503_at_once(llama):
+    """No step needs to fail first: the engine loop checks the worker processes every turn (at least every 0.5 s)."""
+    with ServerProcess(llama, "--max-model-len", "512", *TP) as proc:
+        [worker] = children(proc.proc.pid)
+        with proc.client(timeout=httpx.Timeout(10.0)) as client:
+            assert client.get("/health").status_code == 200
+            os.kill(worker, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while (health := client.get("/health")).status_code == 200:
+                assert time.monotonic() < deadline, "/health still 200 five seconds after a rank died"
+                time.sleep(0.1)
+        assert health.status_code == 503 and "worker rank 1" in health.json()["error"]["message"], health.text
+        _assert_dead_but_serving(proc)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.log()[-3000:]
+
+
 def test_a_hung_rank_is_caught_by_the_watchdog_and_killed_at_shutdown(llama):
     with ServerProcess(llama, "--max-model-len", "512", "--engine-watchdog-timeout", "3", *TP) as proc:
         [worker] = children(proc.proc.pid)
