@@ -43,6 +43,8 @@ from engine import config as config_module
 from engine.config import EngineConfig, ModelConfig, ParallelConfig
 from engine.errors import ValidationError
 from engine.models.common import Shard
+from engine.shm_allreduce import SharedAllReduce, segment_path
+from engine.shm_allreduce import supported as shm_supported
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +64,7 @@ _KEYS = itertools.count()
 @torch.library.custom_op("attnserve::all_reduce", mutates_args=())
 def _all_reduce(x: torch.Tensor, group_key: int) -> torch.Tensor:
     # An opaque op, so that torch.compile keeps the collective out of the graph it fuses (engine/compilation.py).
-    out = x.clone()
-    if not _GROUPS[group_key].quiet:
-        dist.all_reduce(out)
-    return out
+    return _GROUPS[group_key].all_reduce(x)
 
 
 @_all_reduce.register_fake
@@ -84,6 +83,8 @@ class TensorParallelGroup:
         self.quiet = False
         self.closed = self.killed = False
         self.threads = torch.get_num_threads()  # this process's setting before the ranks split the cores
+        # One CPU node: all-reduces meet in shared memory (engine/shm_allreduce.py), else they go through gloo/NCCL.
+        self.shm: SharedAllReduce | None = None
         _GROUPS[self.key] = self
 
     @property
@@ -130,6 +131,16 @@ class TensorParallelGroup:
         return kind, fields
 
     # ---- collectives -------------------------------------------------------------------------------
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of x over the ranks, as a new tensor (alone(): x itself, copied)."""
+        if self.quiet:
+            return x.clone()
+        if self.shm is not None and self.shm.fits(x):
+            return self.shm.all_reduce(x.contiguous(), self.check_workers)
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
 
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor | None:
         """Rank 0: the full [rows, vocab] logits from every rank's vocabulary slice, in rank order. Others: None."""
@@ -198,6 +209,9 @@ class TensorParallelGroup:
                 proc.wait(5.0)
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
         _GROUPS.pop(self.key, None)
         torch.set_num_threads(self.threads)
 
@@ -364,10 +378,17 @@ def start(config: EngineConfig) -> tuple[EngineConfig, TensorParallelGroup]:
     port = parallel.master_port or _free_port(parallel.master_addr)
     store = dist.TCPStore(parallel.master_addr, port, size, is_master=True,
                           timeout=timedelta(seconds=STARTUP_TIMEOUT_S), wait_for_workers=False)
+    shm = _create_segment(config, port)
     workers = [_spawn(config, rank, rank, port) for rank in range(1, parallel.ranks_per_node)]
     group = TensorParallelGroup(0, size, workers)
     try:
         _wait_for_ranks(store, size, workers)
+        if shm is not None:  # shared memory only if every rank could map it; all ranks learn the answer from the store
+            if all(store.get(f"attnserve/shm/{rank}") == b"1" for rank in range(1, size)):
+                group.shm = shm
+            else:
+                shm.close()
+        store.set("attnserve/shm", "1" if group.shm is not None else "0")
         _set_threads(parallel)
         if config.device.type == "cuda":
             torch.cuda.set_device(0)
@@ -377,9 +398,26 @@ def start(config: EngineConfig) -> tuple[EngineConfig, TensorParallelGroup]:
         group.kill_workers()
         group.shutdown()
         raise
-    logger.info("%s: %d local worker process(es) started (pids %s), rendezvous at %s:%d",
-                describe_layout(parallel, config.device), len(workers), [p.pid for p in workers], parallel.master_addr, port)
+    finally:
+        if shm is not None:  # mapped by every rank that will use it by now; the name is not needed any more
+            segment_path(port).unlink(missing_ok=True)
+    logger.info("%s: %d local worker process(es) started (pids %s), rendezvous at %s:%d, all-reduce through %s",
+                describe_layout(parallel, config.device), len(workers), [p.pid for p in workers], parallel.master_addr,
+                port, "shared memory" if group.shm is not None else "torch.distributed")
     return _rank_config(config, 0), group
+
+
+def _create_segment(config: EngineConfig, port: int) -> SharedAllReduce | None:
+    """Rank 0's shared-memory all-reduce segment, where every rank is a CPU process on this node; else None."""
+    parallel = config.parallel
+    if config.device.type != "cpu" or parallel.nnodes != 1 or not shm_supported():
+        return None
+    try:
+        return SharedAllReduce(segment_path(port), 0, parallel.tensor_parallel_size, create=True)
+    except OSError as exc:
+        logger.warning("tensor parallel: no shared-memory segment for the all-reduces (%s); they go through gloo, "
+                       "which is slower", exc)
+        return None
 
 
 def _wait_for_ranks(store, size: int, workers: list[subprocess.Popen]) -> None:
@@ -411,11 +449,21 @@ def join(config: EngineConfig, rank: int, local_rank: int, port: int | None) -> 
     if parallel.distributed_executor_backend == "external_launcher":
         dist.init_process_group(_backend(config.device), init_method="env://", rank=rank, world_size=size,
                                 timeout=timeout)
-    else:
-        store = dist.TCPStore(parallel.master_addr, port, size, is_master=False, timeout=timeout)
-        store.set(f"attnserve/joined/{rank}", "1")
-        dist.init_process_group(_backend(config.device), store=store, rank=rank, world_size=size, timeout=timeout)
-    return _rank_config(config, local_rank), TensorParallelGroup(rank, size, [])
+        return _rank_config(config, local_rank), TensorParallelGroup(rank, size, [])
+    store = dist.TCPStore(parallel.master_addr, port, size, is_master=False, timeout=timeout)
+    shm = None
+    if config.device.type == "cpu" and parallel.nnodes == 1 and shm_supported():
+        with contextlib.suppress(OSError):  # rank 0 made none, or this rank cannot map it: gloo it is, for every rank
+            shm = SharedAllReduce(segment_path(port), rank, size, create=False)
+    store.set(f"attnserve/shm/{rank}", "1" if shm is not None else "0")
+    store.set(f"attnserve/joined/{rank}", "1")
+    group = TensorParallelGroup(rank, size, [])
+    if store.get("attnserve/shm") == b"1":  # rank 0's decision, once every rank has answered
+        group.shm = shm
+    elif shm is not None:
+        shm.close()
+    dist.init_process_group(_backend(config.device), store=store, rank=rank, world_size=size, timeout=timeout)
+    return _rank_config(config, local_rank), group
 
 
 def _die_with_parent() -> None:

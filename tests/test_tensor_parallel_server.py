@@ -79,6 +79,7 @@ def test_metrics_show_one_engine_and_its_layout(server):
     assert info.labels["tensor_parallel_size"] == "2" and "tensor parallel size 2" in info.labels["parallel_layout"]
     assert len(metrics["attnserve_num_requests_running"]) == 1
     assert "tensor parallel size 2 over 1 node(s), 2 rank(s) per node, gloo" in server.log()
+    assert "all-reduce through shared memory" in server.log()  # one CPU node: engine/shm_allreduce.py
     [worker] = children(server.proc.pid)
     assert alive(worker)
 
@@ -164,6 +165,7 @@ def test_two_nodes_on_loopback_serve_one_model(llama, offline, tmp_path):
                 response = c.completions.create(model=str(llama), prompt=PARITY_PROMPTS[:3], max_tokens=16,
                                                 temperature=0)
             assert [x.text for x in response.choices] == [e.outputs[0].text for e in expected]
+            assert "all-reduce through torch.distributed" in node0.log()  # across nodes: gloo
             node0.signal(signal.SIGTERM)
             assert node0.wait(timeout=30) == 0
         assert node1.wait(timeout=30) == 0, (tmp_path / "node1.log").read_text()[-3000:]
