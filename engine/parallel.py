@@ -9,10 +9,13 @@ block tables. Every step, rank 0 broadcasts one message of int64 arrays (the ste
 block tables, and the rows that need logits); each row-parallel layer all-reduces, and rank 0 gathers the
 vocab-parallel logits. The other ranks never decide anything, so they cannot disagree with rank 0.
 
-Backends: gloo on CPU; on CUDA one group that carries CUDA tensors over NCCL and the CPU messages over gloo.
+Backends: gloo on CPU; on CUDA one group that carries CUDA tensors over NCCL and the CPU messages over gloo. On one
+CPU node the all-reduces go through shared memory instead (engine/shm_allreduce.py): gloo's loopback latency is the
+larger part of a step there.
 
-Failures: a worker that exits is seen by rank 0 at its next collective (the peer's sockets close) and, while idle,
-by `check_workers` (the engine loop calls it every turn); either way the engine dies with the reason. A worker that
+Failures: a worker that exits is seen by rank 0 at its next collective (the peer's sockets close; a shared-memory
+wait asks `check_workers` every few milliseconds) and, while idle, by `check_workers` (the engine loop calls it every
+turn); either way the engine dies with the reason. A worker that
 hangs is the engine watchdog's to catch (on by default with tensor parallelism). Workers die with rank 0's process
 (PR_SET_PDEATHSIG on Linux) or at their next collective, so none is left behind.
 """
