@@ -85,6 +85,7 @@ class TensorParallelGroup:
         # Set while a rank compiles or warms up on its own: the all-reduces return their input (shapes only).
         self.quiet = False
         self.closed = self.killed = False
+        self._stopped_since: dict[int, float] = {}  # worker pid -> when check_workers first saw it stopped
         self.threads = torch.get_num_threads()  # this process's setting before the ranks split the cores
         # One CPU node: all-reduces meet in shared memory (engine/shm_allreduce.py), else they go through gloo/NCCL.
         self.shm: SharedAllReduce | None = None
@@ -178,11 +179,21 @@ class TensorParallelGroup:
     # ---- lifecycle ---------------------------------------------------------------------------------
 
     def check_workers(self) -> None:
-        """Raise if a local worker process has exited (rank 0, between steps)."""
+        """Raise if a local worker process has exited, or has been stopped (SIGSTOP, a job-control stop) for over a
+        second: a rank that cannot run holds every other rank at its next collective. (rank 0: between steps, and
+        during shared-memory waits.)"""
+        now = time.monotonic()
         for rank, proc in enumerate(self.workers, start=1):
             if proc.poll() is not None:
                 raise RuntimeError(f"tensor-parallel worker rank {rank} (pid {proc.pid}) exited with code "
                                    f"{proc.returncode}; the engine cannot continue without it")
+            if _stopped(proc.pid):
+                since = self._stopped_since.setdefault(proc.pid, now)
+                if now - since > _STOPPED_S:
+                    raise RuntimeError(f"tensor-parallel worker rank {rank} (pid {proc.pid}) has been stopped for "
+                                       f"{now - since:.1f} s (SIGSTOP?); the engine cannot continue without it")
+            else:
+                self._stopped_since.pop(proc.pid, None)
 
     def kill_workers(self) -> None:
         """Kill the local workers now (any thread): a rank may be hung, and rank 0's thread may be blocked in a
@@ -217,6 +228,18 @@ class TensorParallelGroup:
             self.shm = None
         _GROUPS.pop(self.key, None)
         torch.set_num_threads(self.threads)
+
+
+_STOPPED_S = 1.0  # a worker stopped this long is hung, not paused by a debugger's brief attach
+
+
+def _stopped(pid: int) -> bool:
+    """Is the process stopped by a signal (state T in /proc; Linux only, else never)?"""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"T"
+    except (OSError, IndexError):
+        return False
 
 
 # ---- checks -----------------------------------------------------------------------------------------

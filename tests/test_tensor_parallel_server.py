@@ -125,17 +125,61 @@ def test_a_rank_that_dies_while_idle_turns_health_to_503_at_once(llama):
         assert proc.wait(timeout=30) == 0, proc.log()[-3000:]
 
 
-def test_a_hung_rank_is_caught_by_the_watchdog_and_killed_at_shutdown(llama):
-    with ServerProcess(llama, "--max-model-len", "512", "--engine-watchdog-timeout", "3", *TP) as proc:
+def test_a_stopped_rank_ends_the_engine_within_seconds(llama):
+    """SIGSTOP: the worker is alive, holds its sockets and answers nothing. Rank 0, waiting for it, sees it stopped
+    (check_workers) and ends the engine after a second, without the watchdog (off here)."""
+    with ServerProcess(llama, "--max-model-len", "512", "--engine-watchdog-timeout", "0", *TP) as proc:
         [worker] = children(proc.proc.pid)
         reader = _long_stream(proc)
-        os.kill(worker, signal.SIGSTOP)  # alive, holding its sockets, answering nothing
+        os.kill(worker, signal.SIGSTOP)
         stopped_at = time.monotonic()
         events = reader.finish(timeout=30)
         err = _assert_ends_with_error_event(events)
         assert_openai_error(err, 503)
-        assert "watchdog" in err["error"]["message"]
+        assert "stopped" in err["error"]["message"], err
         assert reader.error_arrived_at() - stopped_at < 10
+        _assert_dead_but_serving(proc)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.log()[-3000:]
+    assert not alive(worker)
+
+
+# Rank 1's 40th forward never returns (this sitecustomize is on the server's PYTHONPATH; rank 0 is left alone).
+_HANG_RANK_1 = """
+import time
+
+import engine.model_runner as runner
+
+_forward = runner.ModelRunner._eager_forward
+_calls = [0]
+
+
+def _eager_forward(self, batch):
+    if self.tp is not None and self.tp.rank == 1:
+        _calls[0] += 1
+        if _calls[0] == 40:
+            time.sleep(3600)
+    return _forward(self, batch)
+
+
+runner.ModelRunner._eager_forward = _eager_forward
+"""
+
+
+def test_a_hung_rank_is_caught_by_the_watchdog_and_killed_at_shutdown(llama, tmp_path):
+    """A rank that runs but never arrives (not stopped: sleeping in its forward) is the watchdog's to catch."""
+    (tmp_path / "sitecustomize.py").write_text(_HANG_RANK_1)
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)}
+    with ServerProcess(llama, "--max-model-len", "512", "--engine-watchdog-timeout", "3", *TP, env=env) as proc:
+        [worker] = children(proc.proc.pid)
+        reader = StreamReader(proc.url, "/v1/completions", completion_body(400, stream=True), started_after=3,
+                              deadline_s=60)
+        reader.start()
+        events = reader.finish(timeout=40)
+        err = _assert_ends_with_error_event(events)
+        assert_openai_error(err, 503)
+        assert "watchdog" in err["error"]["message"], err
+        assert 2.5 < reader.error_gap() < 10
         _assert_dead_but_serving(proc)
         proc.signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, proc.log()[-3000:]
