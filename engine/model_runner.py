@@ -122,8 +122,9 @@ class ModelRunner:
                 self.tp.shutdown()
                 raise
             # An engine dropped without shutdown() (`del llm`) still stops its ranks and leaves the group, so that
-            # the process can start another one.
-            weakref.finalize(self, self.tp.shutdown)
+            # the process can start another one. Not at interpreter exit, where another thread may still be inside a
+            # collective: the workers die with this process then (PR_SET_PDEATHSIG).
+            weakref.finalize(self, self.tp.shutdown).atexit = False
 
     def _load(self, config: EngineConfig, shard: Shard) -> None:
         torch.manual_seed(config.seed)
