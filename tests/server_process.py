@@ -156,6 +156,23 @@ class InProcessServer:
         self.stop()
 
 
+def child_pids(pid: int) -> set[int]:
+    """The live (not zombie) child processes of `pid` (Linux /proc)."""
+    pids: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        pids.update(int(p) for p in (task / "children").read_text().split())
+    return {p for p in pids if alive(p)}
+
+
+def alive(pid: int) -> bool:
+    """Does process `pid` exist and not as a zombie?"""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def address(proc: ServerProcess) -> tuple[str, int]:
     host, port = proc.url.removeprefix("http://").split(":")
     return host, int(port)

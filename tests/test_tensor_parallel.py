@@ -22,24 +22,15 @@ from engine.errors import ValidationError
 from engine.models.common import Shard
 from engine.models.loader import load_model
 from engine.models.safetensors_io import SafetensorsFile
+from server_process import child_pids
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 CPU = torch.device("cpu")
 
 
 def children() -> set[int]:
-    """Live child processes of this test process (Linux)."""
-    pids = set()
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        pids.update(int(p) for p in (task / "children").read_text().split())
-    return {p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)}
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "Z"
+    """Live child processes of this test process."""
+    return child_pids(os.getpid())
 
 
 def _engine_args(**overrides) -> dict:

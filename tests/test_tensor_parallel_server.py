@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -22,7 +21,7 @@ import pytest
 from checkpoints import PARITY_PROMPTS
 from clients.prometheus import parse_metrics
 from engine import LLM, SamplingParams
-from server_process import REPO, ServerProcess
+from server_process import REPO, ServerProcess, alive, child_pids
 from test_server_lifecycle import (StreamReader, _assert_dead_but_serving, _assert_ends_with_error_event,
                                    assert_openai_error, completion_body)
 from test_server_openai import (MAX_MODEL_LEN, MODEL, test_chat_greedy_equals_offline_chat,  # noqa: F401
@@ -58,18 +57,7 @@ def offline(llama):
 
 
 def children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(p) for p in (task / "children").read_text().split()]
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    return sorted(child_pids(pid))
 
 
 def test_metrics_show_one_engine_and_its_layout(server):
