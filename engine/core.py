@@ -189,7 +189,7 @@ class EngineCore:
                 self.spec_num_accepted_tokens += len(tokens) - 1
 
     def check_workers(self) -> None:
-        """Raise if a tensor-parallel worker process has exited (engine/parallel.py)."""
+        """Raise if a local tensor-parallel worker has exited or is stopped (engine/parallel.py)."""
         self.runner.check_workers()
 
     def shutdown(self, kill: bool = False) -> None:

@@ -95,7 +95,7 @@ class LLMEngine:
         return outputs
 
     def check_health(self) -> None:
-        """Raise if the engine cannot step any more (a tensor-parallel worker has exited)."""
+        """Raise if the engine cannot step any more (a tensor-parallel worker has exited or is stopped)."""
         self.core.check_workers()
 
     def shutdown(self, kill: bool = False) -> None:

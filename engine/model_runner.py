@@ -486,7 +486,7 @@ class ModelRunner:
                 raise RuntimeError(f"unknown tensor-parallel message kind {kind}")
 
     def check_workers(self) -> None:
-        """Raise if a tensor-parallel worker process has exited (between steps; a step would fail on it anyway)."""
+        """Raise if a local tensor-parallel worker has exited or is stopped (TensorParallelGroup.check_workers)."""
         if self.tp is not None:
             self.tp.check_workers()
 
