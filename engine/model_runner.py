@@ -118,8 +118,7 @@ class ModelRunner:
             try:
                 self.tp.agree_ready(None)  # rank 0 raises if another rank failed to load
             except BaseException:
-                self.tp.kill_workers()
-                self.tp.shutdown()
+                self.tp.abandon()
                 raise
             # An engine dropped without shutdown() (`del llm`) still stops its ranks and leaves the group, so that
             # the process can start another one. Not at interpreter exit, where another thread may still be inside a
@@ -153,8 +152,7 @@ class ModelRunner:
             with contextlib.suppress(Exception):
                 self.tp.agree_ready(f"{type(exc).__name__}: {exc}")
         else:
-            self.tp.kill_workers()
-            self.tp.shutdown()
+            self.tp.abandon()
 
     @property
     def num_parameters(self) -> int:

@@ -203,6 +203,11 @@ class TensorParallelGroup:
             if proc.poll() is None:
                 proc.kill()
 
+    def abandon(self) -> None:
+        """A start that failed: kill the local workers and leave the group at once (no stop message to send)."""
+        self.kill_workers()
+        self.shutdown()
+
     def shutdown(self) -> None:
         """Rank 0's driving thread: ask every rank to stop, wait a little for the local ones (then kill them), and
         leave the group. Idempotent."""
@@ -262,7 +267,7 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig, device: torch.dev
             raise ValidationError(f"tensor_parallel_size {n} needs {local} GPUs on this node, but it has {count}",
                                   "tensor_parallel_size")
     else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = _usable_cores()
         if local > cores:
             raise ValidationError(f"tensor_parallel_size {n} puts {local} ranks on this node, but this process may "
                                   f"use only {cores} CPU cores; each rank needs one", "tensor_parallel_size")
@@ -294,6 +299,16 @@ def describe_layout(parallel: ParallelConfig, device: torch.device) -> str:
 # ---- starting the ranks ---------------------------------------------------------------------------------
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _shares_memory(config: EngineConfig) -> bool:
+    """Can the ranks all-reduce through shared memory: all CPU processes on this one node?"""
+    return config.device.type == "cpu" and config.parallel.nnodes == 1 and shm_supported()
+
+
 def _backend(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
@@ -313,8 +328,7 @@ def _rank_config(config: EngineConfig, local_rank: int) -> EngineConfig:
 
 def _set_threads(parallel: ParallelConfig) -> None:
     """Split this node's cores between its ranks (on CPU they would otherwise all spin on every core)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // parallel.ranks_per_node))
+    torch.set_num_threads(max(1, _usable_cores() // parallel.ranks_per_node))
 
 
 def _spawn(config: EngineConfig, rank: int, local_rank: int, port: int) -> subprocess.Popen:
@@ -421,8 +435,7 @@ def start(config: EngineConfig) -> tuple[EngineConfig, TensorParallelGroup]:
         dist.init_process_group(_backend(config.device), store=store, rank=0, world_size=size,
                                 timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
     except BaseException:
-        group.kill_workers()
-        group.shutdown()
+        group.abandon()
         raise
     finally:
         if shm is not None:  # mapped by every rank that will use it by now; the name is not needed any more
@@ -435,11 +448,10 @@ def start(config: EngineConfig) -> tuple[EngineConfig, TensorParallelGroup]:
 
 def _create_segment(config: EngineConfig, port: int) -> SharedAllReduce | None:
     """Rank 0's shared-memory all-reduce segment, where every rank is a CPU process on this node; else None."""
-    parallel = config.parallel
-    if config.device.type != "cpu" or parallel.nnodes != 1 or not shm_supported():
+    if not _shares_memory(config):
         return None
     try:
-        return SharedAllReduce(segment_path(port), 0, parallel.tensor_parallel_size, create=True)
+        return SharedAllReduce(segment_path(port), 0, config.parallel.tensor_parallel_size, create=True)
     except OSError as exc:
         logger.warning("tensor parallel: no shared-memory segment for the all-reduces (%s); they go through gloo, "
                        "which is slower", exc)
@@ -478,7 +490,7 @@ def join(config: EngineConfig, rank: int, local_rank: int, port: int | None) -> 
         return _rank_config(config, local_rank), TensorParallelGroup(rank, size, [])
     store = dist.TCPStore(parallel.master_addr, port, size, is_master=False, timeout=timeout)
     shm = None
-    if config.device.type == "cpu" and parallel.nnodes == 1 and shm_supported():
+    if _shares_memory(config):
         with contextlib.suppress(OSError):  # rank 0 made none, or this rank cannot map it: gloo it is, for every rank
             shm = SharedAllReduce(segment_path(port), rank, size, create=False)
     store.set(f"attnserve/shm/{rank}", "1" if shm is not None else "0")
