@@ -57,8 +57,8 @@ def padded_to_bucket(n: int, buckets: list[int]) -> int:
 
 def room_for_graphs():
     """A context in which dynamo may add a graph past its per-function recompile_limit (8). Start-up compiles
-    under it: each engine of a process adds graphs to the same functions (the model class's forward, the decode
-    kernel), and past the limit dynamo would run the new engine's uncompiled. Serving steps never compile (every
+    under it: each engine of a process adds graphs to the same functions (the model class's forward and LM
+    head), and past the limit dynamo would run the new engine's uncompiled. Serving steps never compile (every
     size is warmed up), so the limit still stops any recompile at run time."""
     import torch._dynamo.config
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.compilation import CompiledModel, compile_model, room_for_graphs
+from engine.compilation import CompiledModel, compile_model
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs, capture_sizes, cuda_graphs_unavailable, padded_size
 from engine.draft_model import DraftModel
@@ -208,23 +208,25 @@ class ModelRunner:
             # Each rank compiles and warms up on its own (alone(): no all-reduce talks to the others meanwhile).
             with self.tp.alone() if self.tp is not None else contextlib.nullcontext():
                 self.compiled = compile_model(self.model, sched.max_num_batched_tokens, sched.max_num_seqs)
-                if self.compiled is not None and self.backend.compile_decode():
-                    self._warm_up_decode_kernel()
+                if self.compiled is not None:
+                    self._start_decode_kernel()
 
     @torch.inference_mode()
-    def _warm_up_decode_kernel(self) -> None:
-        """One step of two padding decodes (the padding block only), so that the backend's decode kernel compiles
-        at start-up, for every layer's window, and no request waits for it."""
+    def _start_decode_kernel(self) -> None:
+        """Switch the backend's decodes to its compiled kernel (building it if this host has no cached build), then
+        run one step of two padding decodes (the padding block only) through it: a kernel that fails is switched
+        off here, at start-up, and decodes keep the backend's own path."""
         start = time.perf_counter()
+        if not self.backend.compile_decode():
+            return
         try:
-            with room_for_graphs():
-                self._eager_forward(self.inputs.prepare([], [0, 1], 2))
+            self._eager_forward(self.inputs.prepare([], [0, 1], 2))
         except Exception as exc:  # noqa: BLE001 - the backend's own decode path still serves; the reason is logged
             self.backend.compile_decode(enable=False)
-            logger.warning("torch.compile of the decode attention kernel failed (%s: %s); decodes use the backend's "
-                           "eager path", type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
+            logger.warning("the decode attention kernel failed (%s: %s); decodes use the backend's gather path",
+                           type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
             return
-        logger.info("torch.compile: the decode attention kernel is compiled in %.1f s", time.perf_counter() - start)
+        logger.info("the decode attention kernel is ready in %.1f s", time.perf_counter() - start)
 
     @torch.inference_mode()
     def _capture_decode_graphs(self) -> None:

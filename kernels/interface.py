@@ -81,8 +81,9 @@ class AttentionBackend(ABC):
         sees keys at positions p - w < key <= p."""
 
     def compile_decode(self, enable: bool = True) -> bool:
-        """Switch decodes to (or, enable=False, back from) a torch.compile'd kernel where the backend has one; the
-        engine calls this when it compiles the model. True if decodes now use it; its first call compiles it."""
+        """Switch decodes to (or, enable=False, back from) a compiled kernel where the backend has one (the SDPA
+        backend: C++ built for this CPU); the engine calls this when it compiles the model. True if decodes now
+        use it."""
         return False
 
     def cuda_graph_unsupported(self) -> str | None:

@@ -8,22 +8,25 @@ length (a step mixing 60 decodes with one 512-token chunk is the common case und
 batching); and within each kind, by length, so that short contexts are not padded to the longest.
 
 Where the engine compiles the model (CPU), it also turns on `compile_decode`: every decode of a step then goes
-through one compiled kernel that reads the paged cache in place (kernels/compiled_decode.py), and only prefill
-chunks are grouped as above.
+through one C++ kernel that reads the paged cache in place (kernels/cpu_decode.py), and only prefill chunks are
+grouped as above.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
-from kernels.compiled_decode import CompiledDecode, pad_decode
+from kernels.cpu_decode import NativeDecode
 from kernels.interface import AttentionBackend, BatchLayout, segment_offsets
 from kernels.kv_write import write_kv
 from kernels.transfer import to_device, upload
+
+logger = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=1)
@@ -66,12 +69,11 @@ class _Group:
 
 @dataclass
 class _DecodeBatch:
-    """Every decode of a step, for the compiled kernel: padded by pad_decode, so rows may repeat."""
+    """Every decode of a step, for the C++ kernel."""
 
-    num_seqs: int  # real sequences; rows past these are padding
-    rows: torch.Tensor  # [padded seqs] the decode's row in the flat token array
-    block_tables: torch.Tensor  # [padded seqs, blocks] covering the longest context
-    context_lens: torch.Tensor  # [padded seqs]
+    rows: torch.Tensor  # [seqs] the decode's row in the flat token array
+    block_tables: torch.Tensor  # [seqs, blocks] covering the longest context
+    context_lens: torch.Tensor  # [seqs]
 
 
 @dataclass
@@ -84,12 +86,11 @@ class SdpaMetadata:
 def _build_decode(layout: BatchLayout, seq_idx: list[int], query_start: list[int], device) -> _DecodeBatch:
     blocks = -(-max(layout.context_lens[i] for i in seq_idx) // layout.block_size)
     tables = layout.block_tables.index_select(0, to_device(seq_idx, torch.long, layout.block_tables.device))
-    rows, tables, ctx_lens = pad_decode(
-        to_device([query_start[i] for i in seq_idx], torch.long, device),
-        tables[:, :blocks].to(device),
-        to_device([layout.context_lens[i] for i in seq_idx], torch.long, device),
+    return _DecodeBatch(
+        rows=to_device([query_start[i] for i in seq_idx], torch.long, device),
+        block_tables=tables[:, :blocks].to(device).contiguous(),
+        context_lens=to_device([layout.context_lens[i] for i in seq_idx], torch.long, device),
     )
-    return _DecodeBatch(len(seq_idx), rows, tables, ctx_lens)
 
 
 def _build_group(layout: BatchLayout, seq_idx: list[int], query_start: list[int], device: torch.device) -> _Group:
@@ -154,11 +155,16 @@ class SdpaBackend(AttentionBackend):
     name = "sdpa"
 
     def __init__(self) -> None:
-        self.decode_kernel: CompiledDecode | None = None
+        self.decode_kernel: NativeDecode | None = None
 
     def compile_decode(self, enable: bool = True) -> bool:
-        self.decode_kernel = CompiledDecode() if enable else None
-        return enable
+        self.decode_kernel = None
+        if enable:
+            try:
+                self.decode_kernel = NativeDecode()
+            except (RuntimeError, OSError) as exc:  # no compiler, or it failed: the gather path still serves
+                logger.warning("the C++ decode attention kernel is unavailable (%s); decodes use gather + SDPA", exc)
+        return self.decode_kernel is not None
 
     def cuda_graph_unsupported(self) -> str | None:
         return ("the sdpa attention backend gathers each step's K/V into tensors shaped by that step's context "
@@ -202,7 +208,7 @@ class SdpaBackend(AttentionBackend):
         if (d := metadata.decode) is not None:
             od = self.decode_kernel(q.index_select(0, d.rows), k_cache, v_cache, d.block_tables, d.context_lens,
                                     scale, sliding_window)
-            out.index_copy_(0, d.rows[:d.num_seqs], od[:d.num_seqs])
+            out.index_copy_(0, d.rows, od)
         for g in metadata.groups:
             q_rows = q.index_select(0, g.rows)
             if g.max_q > 1:

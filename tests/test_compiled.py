@@ -1,4 +1,4 @@
-"""The compiled decoder (engine/compilation.py) and its compiled decode attention (kernels/compiled_decode.py): padded
+"""The compiled decoder (engine/compilation.py) and the C++ decode attention it turns on (kernels/cpu_decode.py): padded
 sizes, results equal to the eager model's, no compiling after start-up, the fall-backs to eager, the switch, and a
 server that compiles.
 
@@ -17,7 +17,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.compilation import bucket_sizes, padded_to_bucket
 from engine.errors import ValidationError
-from kernels import compiled_decode
+from kernels import cpu_decode
 from server_process import ServerProcess
 
 
@@ -47,16 +47,14 @@ def test_compiled_equals_eager_and_never_recompiles(make_ckpt):
     runner = compiled.engine.core.runner
     assert runner.compiled is not None
     assert runner.compiled.token_buckets[-1] == 64
-    assert runner.backend.decode_kernel is not None  # decodes read the paged cache in the compiled kernel
+    assert isinstance(runner.backend.decode_kernel, cpu_decode.NativeDecode)  # decodes read the cache in place
     eager = LLM(path, max_model_len=128, max_num_batched_tokens=64, enforce_eager=True)
     assert eager.engine.core.runner.compiled is None and eager.engine.core.runner.backend.decode_kernel is None
-    fallbacks = compiled_decode.fallback_calls()
     # 24 prompts through a 64-token budget: chunked prefills, mixed steps and decode batches of many sizes.
     prompts = random_prompts(24, seed=5)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
     with torch._dynamo.config.patch(error_on_recompile=True):  # every size was compiled and run at start-up
         got = compiled.generate(prompts, params, use_tqdm=False)
-    assert compiled_decode.fallback_calls() == fallbacks  # the kernel ran compiled, not on its gather fall-back
     want = eager.generate(prompts, params, use_tqdm=False)
     for g, w in zip(got, want, strict=True):
         assert g.outputs[0].token_ids == w.outputs[0].token_ids
@@ -82,16 +80,16 @@ def test_a_failed_compile_falls_back_to_eager_with_one_warning(make_ckpt, monkey
     assert len(out[0].outputs[0].token_ids) == 4
 
 
-def test_a_failed_decode_kernel_compile_leaves_decodes_on_the_gather_path(make_ckpt, monkeypatch, caplog):
+def test_a_failed_decode_kernel_leaves_decodes_on_the_gather_path(make_ckpt, monkeypatch, caplog):
     def broken(self, *args):
-        raise RuntimeError("inductor broke")
+        raise RuntimeError("the kernel broke")
 
-    monkeypatch.setattr(compiled_decode.CompiledDecode, "__call__", broken)
+    monkeypatch.setattr(cpu_decode.NativeDecode, "__call__", broken)
     with caplog.at_level(logging.WARNING, logger="engine.model_runner"):
         llm = LLM(str(make_ckpt("llama")), max_model_len=64, enforce_eager=False)
     runner = llm.engine.core.runner
     assert runner.compiled is not None and runner.backend.decode_kernel is None
-    assert any("decode attention kernel failed (RuntimeError: inductor broke)" in r.getMessage()
+    assert any("decode attention kernel failed (RuntimeError: the kernel broke)" in r.getMessage()
                for r in caplog.records)
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
