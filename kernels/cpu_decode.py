@@ -58,29 +58,49 @@ def _compiler() -> str:
     raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
 
 
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:  # missing, not executable, or past the timeout
+        raise RuntimeError(f"{cmd[0]} failed: {exc}") from exc
+
+
+def _build(compiler: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: ranks or servers starting together never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        done = _run([compiler, *FLAGS, str(SOURCE), "-o", tmp], _COMPILE_TIMEOUT_S)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    logger.info("built the CPU decode attention kernel: %s", path)
+
+
 @functools.lru_cache(maxsize=1)
 def load_library() -> ctypes.CDLL:
-    """The built kernel, compiled on first use into cache_dir(); RuntimeError (with the compiler's message) if it
-    cannot be built."""
+    """The built kernel, compiled on first use into cache_dir() (or, where that is not writable, a directory under
+    the system's temporary one); RuntimeError, with the compiler's message, if it cannot be built."""
     compiler = _compiler()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    version = _run([compiler, "--version"], 30).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, _cpu_identity()]).encode())
-    path = cache_dir() / f"paged_decode-{key.hexdigest()[:20]}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Built under a temporary name and renamed: ranks or servers starting together never load a half-written file.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-        os.close(fd)
+    name = f"paged_decode-{key.hexdigest()[:20]}.so"
+    fallback = Path(tempfile.gettempdir()) / f"attnserve-{os.getuid()}" / "kernels"
+    for directory in (cache_dir(), fallback):
+        path = directory / name
+        if path.exists():
+            break
         try:
-            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                                  timeout=_COMPILE_TIMEOUT_S, check=False)
-            if done.returncode != 0:
-                raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        logger.info("built the CPU decode attention kernel: %s", path)
+            _build(compiler, path)
+            break
+        except OSError as exc:  # not writable: try the next directory
+            logger.info("cannot build the CPU decode kernel in %s (%s)", directory, exc)
+    else:
+        raise RuntimeError(f"no writable directory for the CPU decode kernel (tried {cache_dir()} and {fallback})")
     lib = ctypes.CDLL(str(path))  # a CDLL call releases the GIL while the kernel runs
     fn = lib.attnserve_paged_decode
     i64, ptr = ctypes.c_int64, ctypes.c_void_p

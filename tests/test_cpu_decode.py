@@ -154,3 +154,21 @@ def test_a_failed_build_leaves_the_gather_path_with_one_warning(tmp_path, monkey
         assert os.listdir(tmp_path / "kernels") == []  # nothing half-built is left to load later
     finally:
         cpu_decode.load_library.cache_clear()
+
+
+def test_an_unwritable_cache_directory_falls_back_to_the_temporary_one(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("ATTNSERVE_CACHE_DIR", str(blocker))  # kernels/ cannot be made under a file
+    monkeypatch.setattr(cpu_decode.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    cpu_decode.load_library.cache_clear()
+    try:
+        cpu_decode.load_library()
+        built = list((tmp_path / "tmp").glob("attnserve-*/kernels/*.so"))
+        assert len(built) == 1
+        q, k_cache, v_cache, tables, lens = random_case(2, 2, 4, 4, 64, 16, 40, torch.float32)
+        out = cpu_decode.NativeDecode()(q, k_cache, v_cache, tables, lens, 0.125, None)
+        torch.testing.assert_close(out.double(), reference(q, k_cache, v_cache, tables, lens, 0.125, None),
+                                   atol=2e-5, rtol=2e-5)
+    finally:
+        cpu_decode.load_library.cache_clear()
