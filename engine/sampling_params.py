@@ -148,40 +148,40 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ValidationError naming the first field outside its allowed range."""
-        _check_int("n", self.n, 1, MAX_N)
+        check_int("n", self.n, 1, MAX_N)
         _check_float("temperature", self.temperature, 0.0, 100.0)
         _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        _check_int("top_k", self.top_k, 0, None, hint="0 or -1 disables it")
+        check_int("top_k", self.top_k, 0, None, hint="0 or -1 disables it")
         _check_float("min_p", self.min_p, 0.0, 1.0)
         _check_float("repetition_penalty", self.repetition_penalty, 0.0, 2.0**31, low_open=True)
         _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         if self.seed is not None:
-            _check_int("seed", self.seed, -(2**63), 2**64 - 1)
+            check_int("seed", self.seed, -(2**63), 2**64 - 1)
         if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, 0, None, hint="0 scores the prompt without sampling")
-        _check_int("min_tokens", self.min_tokens, 0, None)
+            check_int("max_tokens", self.max_tokens, 0, None, hint="0 scores the prompt without sampling")
+        check_int("min_tokens", self.min_tokens, 0, None)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValidationError(
                 f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})", "min_tokens"
             )
         if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+            check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if self.prompt_logprobs is not None:
-            _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
+            check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
         if self.stop is not None:
             if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
                 raise ValidationError("stop must be a non-empty string or a list of non-empty strings", "stop")
         if self.stop_token_ids is not None:
             for tok in self.stop_token_ids:
-                _check_int("stop_token_ids", tok, 0, None)
+                check_int("stop_token_ids", tok, 0, None)
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise ValidationError("structured_outputs must be a StructuredOutputsParams", "structured_outputs")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise ValidationError("logit_bias must map token ids to biases in [-100, 100]", "logit_bias")
             for tok, bias in self.logit_bias.items():
-                _check_int("logit_bias", tok, 0, None, hint="keys are token ids")
+                check_int("logit_bias", tok, 0, None, hint="keys are token ids")
                 _check_float("logit_bias", bias, -100.0, 100.0)
 
     def check_vocab(self, vocab_size: int) -> None:
@@ -200,13 +200,15 @@ def check_token_ids(name: str, ids, vocab_size: int) -> None:
         raise ValidationError(f"{name} has token id {bad}, but the vocabulary has ids 0..{vocab_size - 1}", name)
 
 
-def _check_int(name: str, value, low: int, high: int | None, hint: str = "") -> None:
+def check_int(name: str, value, low: int, high: int | None, hint: str = "", param: str | None = None) -> None:
+    """A ValidationError naming `name` (and `param`, the request field, default `name`) unless value is an int
+    (not a bool) in [low, high]; high None: no upper bound."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValidationError(f"{name} must be an integer, got {value!r}", name)
+        raise ValidationError(f"{name} must be an integer, got {value!r}", param or name)
     if value < low or (high is not None and value > high):
         allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
         extra = f" ({hint})" if hint else ""
-        raise ValidationError(f"{name} must be {allowed}{extra}, got {value}", name)
+        raise ValidationError(f"{name} must be {allowed}{extra}, got {value}", param or name)
 
 
 def _check_float(name: str, value, low: float, high: float, low_open: bool = False) -> None:

@@ -34,7 +34,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from engine.config import ModelConfig, SpeculativeConfig
 from engine.errors import ValidationError
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, check_int
 from engine.sequence import Sequence
 
 MAX_SPECULATIVE_TOKENS = 16
@@ -71,19 +71,16 @@ def parse_speculative_config(value: dict | str | SpeculativeConfig | None) -> Sp
     if "num_speculative_tokens" not in config:
         raise ValidationError("speculative_config needs num_speculative_tokens", "speculative_config")
     spec = SpeculativeConfig(**config)
-    _check_int("num_speculative_tokens", spec.num_speculative_tokens, 1, MAX_SPECULATIVE_TOKENS)
-    _check_int("prompt_lookup_min", spec.prompt_lookup_min, 1, None)
-    _check_int("prompt_lookup_max", spec.prompt_lookup_max, spec.prompt_lookup_min, None)
+
+    def check(name: str, low: int, high: int | None = None) -> None:
+        check_int(f"speculative_config.{name}", getattr(spec, name), low, high, param="speculative_config")
+
+    check("num_speculative_tokens", 1, MAX_SPECULATIVE_TOKENS)
+    check("prompt_lookup_min", 1)
+    check("prompt_lookup_max", spec.prompt_lookup_min)
     if spec.disable_by_batch_size is not None:
-        _check_int("disable_by_batch_size", spec.disable_by_batch_size, 1, None)
+        check("disable_by_batch_size", 1)
     return spec
-
-
-def _check_int(name: str, value: Any, low: int, high: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValidationError(f"speculative_config.{name} must be an integer {allowed}, got {value!r}",
-                              "speculative_config")
 
 
 def check_draft_vocabulary(target: ModelConfig, draft: ModelConfig) -> None:

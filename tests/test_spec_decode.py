@@ -43,10 +43,11 @@ def test_config_is_vllms_and_refuses_what_it_cannot_do():
     assert parse_speculative_config({"model": "/models/draft", "num_speculative_tokens": 2}) == \
         SpeculativeConfig("draft_model", 2, model="/models/draft")
     for bad, says in [({"method": "ngram"}, "needs num_speculative_tokens"),
-                      (ngram(0), "num_speculative_tokens must be an integer in \\[1, 16\\]"),
-                      ({**ngram(2), "prompt_lookup_max": 0}, "prompt_lookup_max must be an integer >= 1"),
+                      (ngram(0), "speculative_config.num_speculative_tokens must be in \\[1, 16\\], got 0"),
+                      ({**ngram(2), "prompt_lookup_max": 0}, "speculative_config.prompt_lookup_max must be >= 1, got 0"),
                       ({**ngram(2), "typo": 1}, "unknown key\\(s\\) typo"),
-                      ({**ngram(2), "disable_by_batch_size": 0}, "disable_by_batch_size must be an integer >= 1"),
+                      ({**ngram(2), "disable_by_batch_size": 0},
+                       "speculative_config.disable_by_batch_size must be >= 1, got 0"),
                       ({"method": "eagle", "num_speculative_tokens": 2}, 'method must be "ngram"'),
                       ({"method": "draft_model", "num_speculative_tokens": 2}, "must name the draft model's directory"),
                       ("{not json", "must be JSON")]:
