@@ -13,9 +13,9 @@ Backends: gloo on CPU; on CUDA one group that carries CUDA tensors over NCCL and
 CPU node the all-reduces go through shared memory instead (engine/shm_allreduce.py): gloo's loopback latency is the
 larger part of a step there.
 
-Failures: a worker that exits is seen by rank 0 at its next collective (the peer's sockets close; a shared-memory
-wait asks `check_workers` every few milliseconds) and, while idle, by `check_workers` (the engine loop calls it every
-turn); either way the engine dies with the reason. A worker that
+Failures: a worker that exits or is stopped is seen by rank 0 at its next collective (the peer's sockets close;
+shared-memory and, on CPU, gloo waits ask `check_workers` every few milliseconds) and, while idle, by `check_workers`
+(the engine loop calls it every turn); either way the engine dies with the reason. A worker that
 hangs is the engine watchdog's to catch (on by default with tensor parallelism). Workers die with rank 0's process
 (PR_SET_PDEATHSIG on Linux) or at their next collective, so none is left behind.
 """
@@ -143,7 +143,7 @@ class TensorParallelGroup:
         if self.shm is not None and self.shm.fits(x):
             return self.shm.all_reduce(x.contiguous(), self.check_workers)
         out = x.clone()
-        dist.all_reduce(out)
+        self._wait(dist.all_reduce(out, async_op=True), out)
         return out
 
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor | None:
@@ -153,8 +153,26 @@ class TensorParallelGroup:
             dist.gather(local, None, dst=0)
             return None
         parts = [torch.empty_like(local) for _ in range(self.size)]
-        dist.gather(local, parts, dst=0)
+        self._wait(dist.gather(local, parts, dst=0, async_op=True), local)
         return torch.cat(parts, dim=-1)
+
+    def _wait(self, work, tensor: torch.Tensor) -> None:
+        """Wait for an asynchronous collective. Rank 0 on CPU (gloo) asks check_workers between polls, as the
+        shared-memory all-reduce does: a local worker that has died or been stopped ends the wait with an error,
+        where a plain wait would hold the engine until gloo's timeout (the step's other collectives come first, so
+        a worker stopped during its LM head left rank 0 in here). CUDA (NCCL) keeps a plain wait."""
+        if self.rank != 0 or not self.workers or tensor.device.type != "cpu":
+            work.wait()
+            return
+        pause = 2e-5  # the first polls come quickly: the other ranks are usually a fraction of a millisecond behind
+        next_check = time.monotonic() + _CHECK_S
+        while not work.is_completed():
+            time.sleep(pause)
+            pause = min(2 * pause, _MAX_PAUSE_S)
+            if time.monotonic() >= next_check:
+                self.check_workers()
+                next_check = time.monotonic() + _CHECK_S
+        work.wait()  # raises if the collective failed
 
     def min(self, value: int) -> int:
         """The smallest of every rank's value (the KV budget all ranks can hold)."""
@@ -236,6 +254,10 @@ class TensorParallelGroup:
 
 
 _STOPPED_S = 1.0  # a worker stopped this long is hung, not paused by a debugger's brief attach
+# A gloo wait on rank 0 (TensorParallelGroup._wait) polls at most _MAX_PAUSE_S apart (a step waits at most that much
+# longer than the collective) and checks the workers every _CHECK_S.
+_MAX_PAUSE_S = 0.0005
+_CHECK_S = 0.005
 
 
 def _stopped(pid: int) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,36 @@ def test_an_engine_dropped_without_shutdown_stops_its_ranks(make_ckpt):
     finally:
         again.shutdown()
     assert second[0].outputs[0].token_ids == first[0].outputs[0].token_ids
+
+
+def test_a_worker_stopped_before_the_logits_gather_ends_the_wait(make_ckpt):
+    """Rank 0 waits in the logits gather for a worker that a SIGSTOP caught during its LM head: the gloo wait asks
+    check_workers between polls, so it ends with the worker named after about a second (_STOPPED_S), not at gloo's
+    ten-minute timeout. (Before, this race made a served stream hang now and then.)"""
+    import signal
+    import threading
+
+    llm = LLM(str(make_ckpt("llama")), tensor_parallel_size=2)
+    group = llm.engine.core.runner.tp
+    [worker] = group.workers
+    errors: list[BaseException] = []
+
+    def gather():
+        try:
+            group.gather_logits(torch.zeros(2, 8))
+        except BaseException as exc:  # noqa: BLE001 - what the engine thread would see
+            errors.append(exc)
+
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        waiting = threading.Thread(target=gather, daemon=True)
+        start = time.monotonic()
+        waiting.start()
+        waiting.join(20)
+        assert not waiting.is_alive(), "rank 0 still waits for a stopped worker"
+        assert time.monotonic() - start < 10
+        assert len(errors) == 1 and "has been stopped for" in str(errors[0]) and f"pid {worker.pid}" in str(errors[0])
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+        llm.engine.shutdown(kill=True)  # the worker sits in a collective rank 0 has left
+        llm.shutdown()  # then leave the group, so later engines of this process can form their own
