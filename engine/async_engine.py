@@ -155,6 +155,8 @@ class AsyncEngine:
         if watchdog_timeout_s is not None:
             threading.Thread(target=self._watch, args=(watchdog_timeout_s,), name="attnserve-watchdog",
                              daemon=True).start()
+        if self.engine.info.tensor_parallel_size > 1:
+            threading.Thread(target=self._watch_workers, name="attnserve-worker-monitor", daemon=True).start()
 
     @classmethod
     def from_args(cls, model: str | None = None, **kwargs) -> AsyncEngine:
@@ -383,10 +385,32 @@ class AsyncEngine:
                 self._kill_workers()  # a hung tensor-parallel rank: its peers' blocked step then fails and returns
                 return
 
+    def _watch_workers(self) -> None:
+        """Tensor parallelism: check the workers from this thread too. The loop sees a dead or stopped worker at its
+        next collective or turn, but a collective that waits without checking (any gloo or NCCL call that is not
+        rank 0's CPU wait) would hold it until the collective's own timeout, minutes away. If the loop has not
+        ended a second after a failed check, this fails everything with the check's reason and kills the workers,
+        which unblocks the loop, as the stall watchdog does."""
+        failing_since = None
+        while not self._stopping.wait(_WORKER_CHECK_S):
+            if self._dead_error is not None or not self._thread.is_alive():
+                return
+            try:
+                self.engine.check_health()
+                failing_since = None
+            except Exception as exc:  # noqa: BLE001 - the check's reason is what every caller should see
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since >= 1.0 and self._dead_error is None:
+                    logger.error("a tensor-parallel worker failed and the engine loop has not noticed: %s", exc)
+                    self._fail_all(exc)
+                    self._kill_workers()
+                    return
+
     def _fail_all(self, exc: BaseException) -> None:
         error = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"engine loop died: {exc!r}")
         with self._lock:
-            self._dead_error = error
+            # The first reason stands: a later failure (a step that a killed worker made fail) is its consequence.
+            self._dead_error = error = self._dead_error or error
             streams, self._streams = self._streams, {}
         for stream in streams.values():
             _put(stream, error)
@@ -396,6 +420,7 @@ class AsyncEngine:
 # at most about half a MB of Python objects (a top logprob is a (token id, logprob) tuple of about 120 bytes).
 MAX_PENDING_ENTRIES = 4096
 _IDLE_WAIT_S = 0.5  # how long an idle loop blocks on the command queue before its next turn (and heartbeat)
+_WORKER_CHECK_S = 0.5  # how often the worker monitor checks the tensor-parallel workers
 
 
 def _entries(out: RequestOutput) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -296,3 +297,47 @@ def test_a_worker_stopped_before_the_logits_gather_ends_the_wait(make_ckpt):
         os.kill(worker.pid, signal.SIGCONT)
         llm.engine.shutdown(kill=True)  # the worker sits in a collective rank 0 has left
         llm.shutdown()  # then leave the group, so later engines of this process can form their own
+
+
+class _StepHeldByAStoppedRank:
+    """An engine whose step waits in a collective that never checks the workers, while its worker is stopped: what
+    AsyncEngine's worker monitor exists for. Killing the workers (shutdown(kill=True)) makes the step fail."""
+
+    info = type("Info", (), {"tensor_parallel_size": 2})()
+
+    def __init__(self):
+        self.stopped, self.killed = threading.Event(), threading.Event()
+
+    def stats(self):
+        return None
+
+    def check_health(self):
+        if self.stopped.is_set():
+            raise RuntimeError("tensor-parallel worker rank 1 (pid 4242) has been stopped for 1.2 s (SIGSTOP?)")
+
+    def has_schedulable_requests(self):
+        return True
+
+    def step(self):
+        self.stopped.set()
+        self.killed.wait(60)
+        raise RuntimeError("gloo: connection closed by peer")  # what a killed peer makes the blocked collective say
+
+    def shutdown(self, kill=False):
+        self.killed.set()
+
+
+def test_the_worker_monitor_ends_a_step_held_by_a_stopped_rank():
+    from engine.async_engine import AsyncEngine
+
+    stub = _StepHeldByAStoppedRank()
+    engine = AsyncEngine(lambda: stub)
+    try:
+        deadline = time.monotonic() + 10
+        while engine.is_healthy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not engine.is_healthy, "the monitor did not end the engine"
+        assert stub.killed.is_set()  # the workers were killed, which unblocks the step
+        assert "has been stopped for" in engine.dead_reason  # the first reason stands, not the gloo error after it
+    finally:
+        engine.shutdown(timeout=5)
