@@ -172,3 +172,18 @@ def test_an_unwritable_cache_directory_falls_back_to_the_temporary_one(tmp_path,
                                    atol=2e-5, rtol=2e-5)
     finally:
         cpu_decode.load_library.cache_clear()
+
+
+@pytest.mark.parametrize("dim", [64, 40])  # the vector path and the plain one
+def test_scores_far_below_zero_in_a_part_filled_block(dim):
+    """Every score -88.7 or below (where exp(-score) overflows a float) and 5 keys in a 16-key block: the block's
+    empty lanes must weigh exactly nothing, not NaN. Equal keys: the output is the mean of the values."""
+    torch.manual_seed(0)
+    k_cache, v_cache = torch.zeros(3, 16, 1, dim), torch.randn(3, 16, 1, dim)
+    k_cache[1, :5, 0, 0] = 1.0
+    for score in (-88.7, -89.4, -300.0, -443.96, -1e4):  # -89.4 and -443.96: 2^n with an all-ones exponent
+        q = torch.zeros(1, 2, dim)
+        q[0, :, 0] = score  # score = q . k * scale, scale 1
+        out = cpu_decode.NativeDecode()(q, k_cache, v_cache, torch.tensor([[1]]), torch.tensor([5]), 1.0, None)
+        assert torch.isfinite(out).all(), score
+        torch.testing.assert_close(out[0], v_cache[1, :5, 0].mean(0).expand(2, dim), atol=1e-5, rtol=1e-5)

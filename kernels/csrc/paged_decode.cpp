@@ -228,7 +228,10 @@ inline void attend_vec(const float* qf, const T* keys, const T* values, int64_t 
       const v16 dots = sum_lanes(parts);
       float top = m[g];
       for (int t = 0; t < tn; ++t) top = std::max(top, dots[t]);
-      const v16 weights = exp16(dots - top) * (lane_index() < tn ? ones() : v16{});
+      // Lanes past the block's keys get a large negative argument, not dots - top: that could be large and
+      // positive (every real score far below zero), and an overflowed exp times a zero mask would be NaN.
+      const v16i real = lane_index() < tn;
+      const v16 weights = exp16(real ? dots - top : v16{} - 100.0f) * (real ? ones() : v16{});
       float sum = 0.0f;
       for (int t = 0; t < 16; ++t) sum += weights[t];
       if (top > m[g]) {  // the maximum moved: rescale what was summed under the old one
