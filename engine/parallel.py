@@ -46,7 +46,7 @@ from engine import config as config_module
 from engine.config import EngineConfig, ModelConfig, ParallelConfig
 from engine.errors import ValidationError
 from engine.models.common import Shard
-from engine.shm_allreduce import SharedAllReduce, segment_path
+from engine.shm_allreduce import CHECK_S, SharedAllReduce, segment_path
 from engine.shm_allreduce import supported as shm_supported
 
 logger = logging.getLogger(__name__)
@@ -165,13 +165,13 @@ class TensorParallelGroup:
             work.wait()
             return
         pause = 2e-5  # the first polls come quickly: the other ranks are usually a fraction of a millisecond behind
-        next_check = time.monotonic() + _CHECK_S
+        next_check = time.monotonic() + CHECK_S
         while not work.is_completed():
             time.sleep(pause)
             pause = min(2 * pause, _MAX_PAUSE_S)
             if time.monotonic() >= next_check:
                 self.check_workers()
-                next_check = time.monotonic() + _CHECK_S
+                next_check = time.monotonic() + CHECK_S
         work.wait()  # raises if the collective failed
 
     def min(self, value: int) -> int:
@@ -255,9 +255,8 @@ class TensorParallelGroup:
 
 _STOPPED_S = 1.0  # a worker stopped this long is hung, not paused by a debugger's brief attach
 # A gloo wait on rank 0 (TensorParallelGroup._wait) polls at most _MAX_PAUSE_S apart (a step waits at most that much
-# longer than the collective) and checks the workers every _CHECK_S.
+# longer than the collective) and checks the workers every CHECK_S, as a shared-memory wait does.
 _MAX_PAUSE_S = 0.0005
-_CHECK_S = 0.005
 
 
 def _stopped(pid: int) -> bool:

@@ -29,7 +29,7 @@ import torch
 SLOT_BYTES = 4 << 20  # larger tensors go through gloo, where bandwidth, not latency, is the cost
 _HEADER = 4096  # the sequence numbers: [2 parities, ranks] int64, one page
 _SPINS = 2000  # busy polls before a wait starts yielding the core
-_CHECK_S = 0.005
+CHECK_S = 0.005  # how often a wait on the other ranks checks that they still run (also gloo waits: engine/parallel.py)
 
 
 def segment_path(port: int) -> Path:
@@ -73,14 +73,14 @@ class SharedAllReduce:
         return out
 
     def _wait(self, seq: np.ndarray, check: Callable[[], None]) -> None:
-        target, spins, next_check = self._calls, 0, time.monotonic() + _CHECK_S
+        target, spins, next_check = self._calls, 0, time.monotonic() + CHECK_S
         while int(seq.min()) < target:
             spins += 1
             if spins > _SPINS:
                 os.sched_yield()
                 if time.monotonic() > next_check:
                     check()
-                    next_check = time.monotonic() + _CHECK_S
+                    next_check = time.monotonic() + CHECK_S
 
     def close(self) -> None:
         del self._seq, self._slots

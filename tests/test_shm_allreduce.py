@@ -65,7 +65,7 @@ def test_larger_tensors_do_not_fit_a_slot(pair):
 
 
 def test_a_peer_that_never_arrives_ends_the_wait_with_the_checks_error(pair, monkeypatch):
-    monkeypatch.setattr(shm_allreduce, "_CHECK_S", 0.001)
+    monkeypatch.setattr(shm_allreduce, "CHECK_S", 0.001)
     calls = []
 
     def check():
